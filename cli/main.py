@@ -1,0 +1,152 @@
+"""``compress`` CLI. Every command parses its options and calls one function of the library."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from compress.methods import METHODS
+
+DENSITY_HELP = """
+\b
+Density and sparsity: density D is the fraction of the compressible weights (conv and linear
+weights) that is TRAINED; sparsity S = 1 - D is the fraction that is not. Give exactly one:
+--density 0.01 and --sparsity 0.99 mean the same run (100x fewer trained weights).
+\b
+Modes: what happens to the weights that are not trained.
+  prune   they are zero (a sparse network; the classic pruning-at-init setting)
+  freeze  they keep their random initial value, regenerated from the 32-bit seed (FreezeNet);
+          they cost no storage but keep the signal flowing through the network
+"""
+
+
+def _methods_help() -> str:
+    return "; ".join(f"{name}: {METHODS.get(name).description}" for name in METHODS.names())
+
+
+def _parse_milestones(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated epoch numbers such as 30,60, got {value!r}") from None
+
+
+def selection_options(function):
+    """Options shared by ``train`` and ``plan``: model, data, score and selection."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(), help="YAML or TOML file of options (keys as the long option names); command-line options override it."),
+        click.option("--model", help="Model name: lenet300, lenet5, vgg16, resnet20, resnet18, or tv:<torchvision name> (e.g. tv:mobilenet_v3_small). [default: lenet5]"),
+        click.option("--data", help="Data set: fashion-mnist, mnist, cifar10, cifar100, synthetic, or imagefolder:PATH. [default: fashion-mnist]"),
+        click.option("--data-root", help="Where data sets are looked for and cached [default: a per-user cache directory; /usr/share/datasets/<name> is searched too]."),
+        click.option("--data-shape", help="Input shape CxHxW for synthetic and imagefolder data, e.g. 3x32x32 [default: 1x28x28 for synthetic]."),
+        click.option("--num-classes", type=int, help="Class count for synthetic data [default: 10]."),
+        click.option("--subset", type=int, help="Train on only the first N samples (after a seeded shuffle), for quick runs."),
+        click.option("--val-split", type=float, help="Fraction of the training set held out for validation [default: 0]."),
+        click.option("--method", help=f"Preset of score and mode. {_methods_help()}. [default: snip]"),
+        click.option("--score", help="Override the method's score: random, magnitude, snip, grasp, synflow."),
+        click.option("--mode", type=click.Choice(["prune", "freeze"]), help="Override the method's mode: prune (zero) or freeze (seeded init)."),
+        click.option("--density", type=float, help="Fraction of compressible weights trained, in (0, 1]."),
+        click.option("--sparsity", type=float, help="Fraction of compressible weights not trained (= 1 - density)."),
+        click.option("--scope", type=click.Choice(["global", "layer"]), help="Top-k over all layers together (global) or the same density in every layer. [default: global]"),
+        click.option("--include-bias/--no-include-bias", default=None, help="Also mask conv/linear biases [default: no]."),
+        click.option("--score-batches", type=int, help="Batches used to compute the score [default: 1]."),
+        click.option("--score-batch-size", type=int, help="Samples per scoring batch [default: 100, as SNIP's reference]."),
+        click.option("--on-collapse", type=click.Choice(["warn", "error"]), help="What to do when a layer would have no trained weight [default: warn]."),
+        click.option("--seed", type=int, help="32-bit seed: initial weights, data order, random scores [default: 0]."),
+        click.option("--device", help="auto, cpu or cuda[:N] [default: auto]."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def training_options(function):
+    options = [
+        click.option("--epochs", type=int, help="Training epochs [default: per model, 10 for LeNets, 30 for CNNs]."),
+        click.option("--batch-size", type=int, help="Training batch size [default: 128]."),
+        click.option("--lr", type=float, help="Peak learning rate [default: 0.05 for LeNets, 0.1 for CNNs]."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="sgd (with momentum) or adam [default: sgd]."),
+        click.option("--momentum", type=float, help="SGD momentum [default: 0.9]."),
+        click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD [default: no]."),
+        click.option("--schedule", type=click.Choice(["constant", "step", "multistep", "cosine"]), help="Learning-rate schedule [default: cosine]."),
+        click.option("--step-size", type=int, help="Epochs between decays for --schedule step [default: 30]."),
+        click.option("--milestones", callback=_parse_milestones, help="Comma-separated decay epochs for --schedule multistep, e.g. 30,60."),
+        click.option("--lr-decay", type=float, help="Decay factor of step/multistep schedules [default: 0.1]."),
+        click.option("--weight-decay", type=float, help="L2 weight decay; never touches pruned or frozen entries [default: 5e-4]."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="compress-nets", prog_name="compress")
+def cli():
+    """Train networks in which only a few weights are learned, then pack them small.
+
+    \b
+    Typical use:
+      compress plan  --model lenet5 --data synthetic --method snip --sparsity 0.99
+      compress train --model lenet5 --data fashion-mnist --method freezenet --density 0.01 --epochs 2 --out runs/a
+    """
+
+
+@cli.command(epilog=DENSITY_HELP)
+@selection_options
+@training_options
+@click.option("--out", type=click.Path(), help="Run directory to create (config, masks, metrics, model.safetensors, summary.json).")
+@click.option("--resume", type=click.Path(), help="Continue the interrupted run in this directory from its last finished epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory given by --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config_file, out, resume, overwrite, quiet, **options):
+    """Initialise from a seed, score, select, and train with the selection enforced."""
+    from compress.run import train_from_options
+
+    train_from_options(config_file, _overrides(options), out=out, resume=resume, overwrite=overwrite,
+                       progress=not quiet)
+
+
+@cli.command(epilog=DENSITY_HELP)
+@selection_options
+def plan(config_file, **options):
+    """Score and select, then print the per-layer table (weights, trained, density, mode) without training."""
+    from compress.run import plan_from_options
+
+    click.echo(plan_from_options(config_file, _overrides(options)))
+
+
+def _overrides(options: dict) -> dict:
+    if options.get("density") is not None and options.get("sparsity") is not None:
+        raise click.UsageError("give --density or --sparsity, not both (sparsity = 1 - density)")
+    sparsity = options.pop("sparsity", None)
+    if sparsity is not None:
+        options["sparsity"] = sparsity
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line and exit 2, never a traceback (COMPRESS_DEBUG=1 shows it)."""
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("interrupted; a run continues from its last finished epoch with --resume RUN_DIR", err=True)
+        return 130
+    except click.ClickException as error:
+        click.echo(f"error: {error.format_message()}", err=True)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
+        if os.environ.get("COMPRESS_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        click.echo(f"error: {message}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

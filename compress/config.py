@@ -1,0 +1,186 @@
+"""The run configuration: one dataclass, loaded from YAML/TOML files and command-line overrides."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.methods import METHODS
+from compress.rng import check_seed
+from compress.scores import SCORES
+from compress.selection import MODES, SCOPES, check_density
+from compress.training import TrainSettings
+
+ON_COLLAPSE = ("warn", "error")
+
+# Per-model training defaults, used for every field the user leaves unset.
+_SMALL = {"epochs": 10, "batch_size": 128, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9,
+          "schedule": "cosine", "weight_decay": 5e-4}
+_CNN = {"epochs": 30, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
+        "schedule": "cosine", "weight_decay": 5e-4}
+MODEL_DEFAULTS = {"lenet300": _SMALL, "lenet5": _SMALL, "vgg16": _CNN, "resnet20": {**_CNN, "weight_decay": 1e-4},
+                  "resnet18": _CNN}
+TV_DEFAULTS = {**_CNN, "lr": 0.05}
+
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainSettings)]
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run; ``None`` means "the default for this model / method"."""
+
+    model: str = "lenet5"
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    data_shape: list[int] | None = None  # C, H, W for synthetic / imagefolder
+    num_classes: int | None = None  # for synthetic / imagefolder
+    subset: int | None = None
+    val_split: float = 0.0
+    method: str = "snip"
+    score: str | None = None
+    mode: str | None = None
+    density: float | None = None
+    scope: str = "global"
+    include_bias: bool = False
+    score_batches: int = 1
+    score_batch_size: int = 100
+    on_collapse: str = "warn"
+    seed: int = 0
+    device: str = "auto"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    schedule: str | None = None
+    step_size: int | None = None
+    milestones: list[int] | None = None
+    lr_decay: float | None = None
+    weight_decay: float | None = None
+    extras: dict = field(default_factory=dict)
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every default filled in and every field validated."""
+        config = dataclasses.replace(self)
+        method = METHODS.get(config.method)
+        if method.score is None:
+            if config.density not in (None, 1.0):
+                raise ValueError(f"method 'dense' trains every weight; drop --density/--sparsity ({config.density})")
+            config.density = 1.0
+        if config.density is None:
+            raise ValueError("give the fraction of weights to train: --density D or --sparsity S (= 1 - D)")
+        config.density = check_density(config.density)
+        config.score = config.score or method.score
+        if config.score is not None:
+            SCORES.get(config.score)
+        config.mode = config.mode or method.mode
+        if config.mode not in MODES:
+            raise ValueError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
+        if config.scope not in SCOPES:
+            raise ValueError(f"unknown scope {config.scope!r}; known: {', '.join(SCOPES)}")
+        if config.on_collapse not in ON_COLLAPSE:
+            raise ValueError(f"unknown on-collapse {config.on_collapse!r}; known: {', '.join(ON_COLLAPSE)}")
+        config.seed = check_seed(config.seed)
+        for name in ("score_batches", "score_batch_size"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if config.subset is not None and (not isinstance(config.subset, int) or config.subset < 1):
+            raise ValueError(f"subset must be a positive integer, got {config.subset!r}")
+        if not (isinstance(config.val_split, (int, float)) and 0 <= config.val_split < 1):
+            raise ValueError(f"val-split must be in [0, 1), got {config.val_split!r}")
+        if config.data_root is not None and not Path(config.data_root).is_dir():
+            raise ValueError(
+                f"data root {config.data_root} does not exist; create it, point --data-root at the folder that "
+                "holds the data set, or leave it out to use the default cache"
+            )
+        if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
+            raise ValueError(f"unknown device {config.device!r}; use auto, cpu or cuda[:N]")
+        defaults = MODEL_DEFAULTS.get(config.model, TV_DEFAULTS)
+        base = TrainSettings()
+        for name in TRAIN_FIELDS:
+            if getattr(config, name) is None:
+                setattr(config, name, defaults.get(name, getattr(base, name)))
+        config.train_settings().validate()
+        return config
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(**{name: getattr(self, name) for name in TRAIN_FIELDS})
+
+    @property
+    def sparsity(self) -> float | None:
+        return None if self.density is None else 1.0 - self.density
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CONFIG_FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def config_from_dict(values: dict, source: str = "config") -> RunConfig:
+    """Build a RunConfig from a dict whose keys may use dashes; ``sparsity`` is turned into density."""
+    clean = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in CONFIG_FIELDS + ["sparsity"]:
+            raise ValueError(f"{source}: unknown key {key!r}; known: {', '.join(CONFIG_FIELDS + ['sparsity'])}")
+        clean[name] = value
+    if "sparsity" in clean:
+        if clean.get("density") is not None:
+            raise ValueError(f"{source}: give density or sparsity, not both")
+        sparsity = clean.pop("sparsity")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"{source}: sparsity must be in [0, 1) (the fraction of weights not trained), got {sparsity!r}")
+        clean["density"] = 1.0 - float(sparsity)
+    if isinstance(clean.get("data_shape"), str):
+        clean["data_shape"] = parse_shape(clean["data_shape"])
+    return RunConfig(**clean)
+
+
+def parse_shape(text: str) -> list[int]:
+    """'3x32x32' -> [3, 32, 32]."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"data shape must look like CxHxW with positive integers (e.g. 3x32x32), got {text!r}")
+    return [int(p) for p in parts]
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    else:
+        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return values
+
+
+def build_config(config_file: str | None, overrides: dict) -> RunConfig:
+    """File values first, then command-line overrides (``None`` values are ignored); not yet resolved."""
+    values = read_config_file(config_file) if config_file else {}
+    cleaned_overrides = {k: v for k, v in overrides.items() if v is not None}
+    if any(k in cleaned_overrides for k in ("density", "sparsity")):
+        values = {k: v for k, v in values.items() if str(k) not in ("density", "sparsity")}
+    values.update(cleaned_overrides)
+    return config_from_dict(values, source=str(config_file) if config_file else "options")
+

@@ -1,0 +1,12 @@
+"""Random score: uniform noise from the portable generator (the sanity baseline)."""
+from __future__ import annotations
+
+from compress.rng import uniform
+from compress.scores import SCORES
+
+
+@SCORES.register("random")
+def random_score(model, batches, params, *, density, seed):
+    """U[0, 1) per entry, keyed by (seed, "score/random/<name>") so it is the same on every machine."""
+    shapes = dict(model.named_parameters())
+    return {p: uniform(seed, f"score/random/{p}", shapes[p].shape, 0.5) + 0.5 for p in params}

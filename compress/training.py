@@ -1,0 +1,256 @@
+"""Training under a Plan: pruned entries stay exactly zero, frozen entries stay bit-identical to init.
+
+The constraint is kept without hooks or extra parameters: before each optimizer step the gradient of
+every masked parameter (with its L2 weight decay folded in) is multiplied by the mask, so momentum and
+Adam moments of untrained entries stay zero; after the step the parameter is projected back onto the
+plan (``p = p * m`` or ``p = p * m + theta0 * (1 - m)``). The model itself stays a plain module.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.selection import Plan
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "multistep", "cosine")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation hyperparameters; the schedule is a pure function of the step, so resume is exact."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "cosine"
+    step_size: int = 30  # epochs between decays for "step"
+    milestones: list[int] = field(default_factory=list)  # epochs of decay for "multistep"
+    lr_decay: float = 0.1  # factor at each decay of "step" / "multistep"
+    weight_decay: float = 5e-4
+
+    def validate(self) -> "TrainSettings":
+        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "step_size": self.step_size}
+        for name, value in positive_ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"weight-decay must be in [0, 1), got {self.weight_decay!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr-decay must be in (0, 1], got {self.lr_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs --optimizer sgd with a momentum > 0")
+        if any(not isinstance(m, int) or m < 1 for m in self.milestones):
+            raise ValueError(f"milestones must be positive epoch numbers, got {self.milestones!r}")
+        return self
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        """Learning rate of global step ``step`` (0-based)."""
+        epoch = step // steps_per_epoch
+        if self.schedule == "cosine":
+            total = self.epochs * steps_per_epoch
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        if self.schedule == "step":
+            return self.lr * self.lr_decay ** (epoch // self.step_size)
+        if self.schedule == "multistep":
+            return self.lr * self.lr_decay ** sum(epoch >= m for m in self.milestones)
+        return self.lr
+
+
+class MaskConstraint:
+    """Keeps the parameters of a model on a Plan; an explicit object, nothing is attached to the model."""
+
+    def __init__(self, model: nn.Module, plan: Plan | None, initial: dict[str, torch.Tensor] | None = None):
+        self.mode = plan.mode if plan is not None else "dense"
+        named = dict(model.named_parameters())
+        self.names = list(plan.masks) if plan is not None else []
+        self._entries = []
+        for name in self.names:
+            param = named[name]
+            keep = plan.masks[name].to(param.device, param.dtype)
+            frozen = None
+            if self.mode == "freeze":
+                if initial is None or name not in initial:
+                    raise ValueError(f"freeze mode needs the initial value of {name}")
+                frozen = initial[name].to(param.device, param.dtype) * (1 - keep)
+            self._entries.append((param, keep, frozen))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Put every masked parameter back on the plan (zero or initial value where not trained)."""
+        for param, keep, frozen in self._entries:
+            param.mul_(keep)
+            if frozen is not None:
+                param.add_(frozen)
+
+    @torch.no_grad()
+    def mask_gradients(self, weight_decay: float) -> None:
+        """grad <- (grad + weight_decay * p) * mask for masked parameters: untrained entries get no update."""
+        for param, keep, _ in self._entries:
+            if param.grad is None:
+                continue
+            if weight_decay:
+                param.grad.add_(param, alpha=weight_decay)
+            param.grad.mul_(keep)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings, masked: list[str]) -> torch.optim.Optimizer:
+    """Masked parameters get weight decay through MaskConstraint.mask_gradients, the others here."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    masked_set = set(masked)
+    groups = [
+        {"params": [p for n, p in named if n in masked_set], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in masked_set], "weight_decay": settings.weight_decay},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=settings.lr)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as named tensors (``optimizer/<param>/<key>``), for safetensors."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if value is None:
+                continue
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optimizer/{names[id(param)]}/{key}"] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Inverse of ``optimizer_state_tensors``."""
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if not key.startswith("optimizer/"):
+            continue
+        name, state_key = key[len("optimizer/") :].rsplit("/", 1)
+        if name not in params:
+            raise ValueError(f"checkpoint has optimizer state for unknown parameter {name}")
+        param = params[name]
+        device = "cpu" if state_key == "step" else param.device
+        optimizer.state[param][state_key] = value.to(device)
+
+
+def derived_seed(seed: int, *purpose: object) -> int:
+    """A 63-bit seed for torch generators, derived from the run seed and a purpose (e.g. epoch)."""
+    text = ":".join(str(p) for p in (seed, *purpose))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on a data split, in eval mode."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, labels in split.batches(max(batch_size, 256)):
+        inputs, labels = inputs.to(device), labels.to(device)
+        logits = model(inputs)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        count += len(labels)
+    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
+
+
+EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
+
+
+def train(
+    model: nn.Module,
+    data,
+    settings: TrainSettings,
+    constraint: MaskConstraint,
+    *,
+    seed: int,
+    device: torch.device,
+    start_epoch: int = 0,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``model`` in place for the epochs ``start_epoch .. settings.epochs - 1``; returns metrics.
+
+    Shuffling and dropout are seeded per epoch from ``seed``, so a run resumed at an epoch boundary
+    ends with exactly the weights of an uninterrupted run (on CPU).
+    """
+    settings.validate()
+    optimizer = make_optimizer(model, settings, constraint.names)
+    if optimizer_state:
+        load_optimizer_state(optimizer, model, optimizer_state)
+    constraint.project()
+    steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
+    history = []
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        torch.manual_seed(derived_seed(seed, "dropout", epoch))
+        shuffle = torch.Generator().manual_seed(derived_seed(seed, "shuffle", epoch))
+        model.train()
+        loss_sum, seen = 0.0, 0
+        batches = data.train.batches(settings.batch_size, shuffle=True, generator=shuffle, train=True)
+        label = f"epoch {epoch + 1}/{settings.epochs}"
+        with click.progressbar(
+            batches, length=steps_per_epoch, label=label, file=sys.stderr, show_eta=True
+        ) if progress else _plain(batches) as bar:
+            for step_in_epoch, (inputs, labels) in enumerate(bar):
+                lr = settings.lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                inputs, labels = inputs.to(device), labels.to(device)
+                loss = F.cross_entropy(model(inputs), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                constraint.mask_gradients(settings.weight_decay)
+                optimizer.step()
+                constraint.project()
+                if on_step_end is not None:
+                    on_step_end(epoch * steps_per_epoch + step_in_epoch)
+                loss_sum += float(loss.detach()) * len(labels)
+                seen += len(labels)
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": lr}
+        test = evaluate(model, data.test, settings.batch_size, device)
+        metrics.update(test_loss=test["loss"], test_acc=test["acc"])
+        if data.val is not None:
+            val = evaluate(model, data.val, settings.batch_size, device)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"])
+        metrics["seconds"] = round(time.perf_counter() - started, 3)
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, optimizer)
+    return history
+
+
+class _plain:
+    """A context manager around an iterable, standing in for a progress bar when progress is off."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __enter__(self):
+        return self.iterable
+
+    def __exit__(self, *exc):
+        return False

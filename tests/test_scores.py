@@ -1,0 +1,163 @@
+"""Scores: known answers, independent gradient checks, GraSP's Hessian, SynFlow's conservation."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.init import initialise
+from compress.rng import uniform
+from compress.scores import SCORES, score
+from compress.scores.grasp import TEMPERATURE, hessian_gradient_product
+from compress.selection import select
+
+
+def tiny_mlp(seed=0) -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    return initialise(model, seed)
+
+
+def tiny_cnn(seed=0) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    return initialise(model, seed)
+
+
+def batch(shape=(5,), n=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn((n, *shape), generator=g), torch.randint(0, classes, (n,), generator=g))]
+
+
+def test_snip_known_answer_on_identity_layer():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+    # logits [1, 2], label 0: |theta * g| = [[p1 * 1, 0], [0, p1 * 2]], normalised -> 1/3 and 2/3.
+    result = score(model, "snip", [(torch.tensor([[1.0, 2.0]]), torch.tensor([0]))])
+    assert torch.allclose(result["0.weight"], torch.tensor([[1 / 3, 0.0], [0.0, 2 / 3]]), atol=1e-7)
+
+
+def test_snip_matches_hand_derived_backprop():
+    model = tiny_mlp()
+    (x, y), = batch()
+    w1, b1, w2, b2 = (p.detach().double() for p in model.parameters())
+    x = x.double()
+    h_pre = x @ w1.T + b1
+    h = h_pre.clamp(min=0)
+    logits = h @ w2.T + b2
+    d_logits = (torch.softmax(logits, 1) - F.one_hot(y, 3).double()) / len(y)
+    g2 = d_logits.T @ h
+    g1 = ((d_logits @ w2) * (h_pre > 0)).T @ x
+    raw = {"0.weight": (w1 * g1).abs(), "2.weight": (w2 * g2).abs()}
+    total = sum(r.sum() for r in raw.values())
+    result = score(model, "snip", batch())
+    for name, value in raw.items():
+        assert torch.allclose(result[name].double(), value / total, rtol=1e-5, atol=1e-8)
+
+
+def test_grasp_hessian_gradient_product_matches_explicit_hessian():
+    model = tiny_mlp().double()
+    batches = [(x.double(), y) for x, y in batch()]
+    params = ["0.weight", "2.weight"]
+    shapes = [model.get_parameter(p).shape for p in params]
+    sizes = [math.prod(s) for s in shapes]
+
+    def loss_of(flat):
+        w1, w2 = (t.reshape(s) for t, s in zip(flat.split(sizes), shapes))
+        x, y = batches[0]
+        h = (x @ w1.T + model[0].bias).clamp(min=0)
+        return F.cross_entropy((h @ w2.T + model[2].bias) / TEMPERATURE, y)
+
+    flat = torch.cat([model.get_parameter(p).detach().flatten() for p in params]).requires_grad_()
+    gradient = torch.autograd.grad(loss_of(flat), flat)[0]
+    hessian = torch.autograd.functional.hessian(loss_of, flat.detach())
+    expected = (hessian @ gradient).split(sizes)
+    product = hessian_gradient_product(model, batches, params)
+    for got, want in zip(product, expected):
+        assert torch.allclose(got.flatten(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_grasp_returns_theta_times_hg_so_top_k_is_what_reference_keeps():
+    model = tiny_mlp()
+    batches = batch()
+    result = score(model, "grasp", batches)
+    product = hessian_gradient_product(copy.deepcopy(model), batches, ["0.weight", "2.weight"])
+    assert torch.allclose(result["0.weight"], model[0].weight.detach() * product[0], atol=1e-9)
+    reference = -model[2].weight.detach() * product[1]  # the reference removes the highest of these
+    assert torch.equal(result["2.weight"].argmax(), reference.argmin())
+
+
+def test_synflow_known_answer_and_conservation():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 4.0]]))
+        model[2].weight.copy_(torch.tensor([[-1.0, 2.0]]))
+    result = score(model, "synflow", [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))])
+    assert torch.equal(result["0.weight"], torch.tensor([[1.0, 2.0], [6.0, 8.0]]))
+    assert torch.equal(result["2.weight"], torch.tensor([[3.0, 14.0]]))
+
+
+def test_synflow_layer_totals_are_conserved_on_bias_free_relu_network():
+    model = initialise(nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 4, bias=False),
+                                     nn.ReLU(), nn.Linear(4, 3, bias=False)), 3)
+    result = score(model, "synflow", batch(shape=(6,)))
+    totals = torch.tensor([float(v.double().sum()) for v in result.values()])
+    assert torch.allclose(totals, totals[0].expand(3), rtol=1e-5)
+
+
+def test_synflow_iterative_prunes_to_the_exact_density_and_zeroes_pruned_scores():
+    model = tiny_cnn()
+    result = score(model, "synflow", batch(shape=(1, 6, 6)), density=0.3)
+    plan = select(result, 0.3)
+    kept = torch.cat([s[plan.masks[n]] for n, s in result.items()])
+    dropped = torch.cat([s[~plan.masks[n]] for n, s in result.items()])
+    assert plan.trained == round(0.3 * plan.total)
+    assert bool((dropped == 0).all()) and bool((kept > 0).all())
+
+
+def test_magnitude_known_answer():
+    model = tiny_mlp()
+    result = score(model, "magnitude", [])
+    assert torch.equal(result["0.weight"], model[0].weight.detach().abs())
+
+
+def test_random_known_answer_is_the_seeded_portable_stream():
+    model = tiny_mlp()
+    result = score(model, "random", [], seed=9)
+    assert torch.equal(result["2.weight"], uniform(9, "score/random/2.weight", (3, 4), 0.5) + 0.5)
+    assert not torch.equal(result["2.weight"], score(model, "random", [], seed=10)["2.weight"])
+
+
+@pytest.mark.parametrize("name", SCORES.names())
+def test_every_score_is_finite_deterministic_and_leaves_the_model_untouched(name):
+    model = tiny_cnn()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    batches = batch(shape=(1, 6, 6))
+    first = score(model, name, batches, density=0.2, seed=1)
+    second = score(model, name, batches, density=0.2, seed=1)
+    assert set(first) == {"0.weight", "4.weight"}
+    for param, value in first.items():
+        assert value.dtype == torch.float32 and value.shape == model.get_parameter(param).shape
+        assert torch.isfinite(value).all()
+        assert torch.equal(value, second[param])
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("name", ["snip", "grasp"])
+def test_data_scores_need_a_batch(name):
+    with pytest.raises(ValueError, match="needs at least one data batch"):
+        score(tiny_mlp(), name, [])
+
+
+def test_unknown_score_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown score 'snp'; known: grasp, magnitude, random, snip, synflow"):
+        score(tiny_mlp(), "snp", [])
+
+
+def test_scoring_a_parameter_the_model_lacks_is_an_error():
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        score(tiny_mlp(), "magnitude", [], ["nope.weight"])
