@@ -118,6 +118,45 @@ def plan(config_file, **options):
     click.echo(plan_from_options(config_file, _overrides(options)))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Artifact file to write (e.g. runs/a.cpk).")
+@click.option("--values", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Precision of the stored trained values and dense tensors; fp32 rebuilds the run bit-exactly.")
+def pack(run_dir, output, values):
+    """Pack a finished run into one small artifact: trained values, coded masks, the seed.
+
+    Frozen weights are not stored: they are regenerated from the 32-bit seed at load time and
+    checked against a stored SHA-256. Prints the storage report (see compress info).
+    """
+    from compress.packing import pack_and_report
+
+    click.echo(pack_and_report(run_dir, output, values))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def info(artifact, as_json):
+    """Show, per tensor and in total, what the artifact stores and what it saves against dense fp32."""
+    from formats.report import info_text
+
+    click.echo(info_text(artifact, as_json))
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--data", help="Data set to evaluate on [default: the one the run was trained on].")
+@click.option("--data-root", help="Where the data set is looked for.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+def evaluate(artifact, data, data_root, batch_size, device):
+    """Accuracy of a packed model on the test split of a data set."""
+    from compress.packing import evaluate_artifact
+
+    click.echo(evaluate_artifact(artifact, data, data_root, batch_size, device))
+
+
 def _overrides(options: dict) -> dict:
     if options.get("density") is not None and options.get("sparsity") is not None:
         raise click.UsageError("give --density or --sparsity, not both (sparsity = 1 - density)")

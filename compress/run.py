@@ -327,6 +327,8 @@ def make_summary(prepared: Prepared, out: Path, seconds: float) -> dict:
     summary = {
         "model": config.model,
         "data": config.data,
+        "input_shape": list(prepared.data.input_shape),
+        "num_classes": prepared.data.num_classes,
         "method": config.method,
         "score": config.score,
         "mode": config.mode if plan is not None else "dense",

@@ -1,0 +1,42 @@
+"""The packed artifact format (SPEC.md): write, read, rebuild a plain ``torch.nn.Module``, report sizes.
+
+``load(path)`` -> model in eval mode; ``load_state_dict(path)`` -> full state dict;
+``read_info(path)`` -> the byte report, without rebuilding any weight. Reading never unpickles and
+raises ``FormatError`` (a ``ValueError``) for every malformed, truncated or corrupted file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from formats.artifact import (
+    FORMAT_VERSION,
+    Artifact,
+    build_architecture,
+    information_report,
+    read_artifact,
+    rebuild_state_dict,
+)
+from formats.container import FormatError
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The rebuilt state dict of an artifact (frozen weights regenerated from the seed and hash-checked)."""
+    return rebuild_state_dict(read_artifact(path))
+
+
+def load(path: str | Path) -> torch.nn.Module:
+    """The rebuilt model, in eval mode: plain parameters, no hooks, no mask buffers."""
+    artifact = read_artifact(path)
+    model = build_architecture(artifact.schema["architecture"])
+    model.load_state_dict(rebuild_state_dict(artifact, model), strict=True)
+    return model.eval()
+
+
+def read_info(path: str | Path) -> dict:
+    """Header, manifest and the byte-by-byte storage report, without rebuilding any weight."""
+    return information_report(read_artifact(path))
+
+
+__all__ = ["FormatError", "FORMAT_VERSION", "Artifact", "load", "load_state_dict", "read_info", "read_artifact"]

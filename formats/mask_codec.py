@@ -232,13 +232,15 @@ def _golomb_m0(mean: float) -> int:
 def _golomb_bits(values: np.ndarray, params) -> int:
     """Exact length in bits of GS(values) with these parameters."""
     m, width, u = params
+    if np.ndim(m) == 0:
+        if m == 1:
+            return values.size + int(values.sum())
+        if u == 0:  # Rice: a shift, and every value has width + 1 remainder bits
+            return values.size * (width + 2) + int((values >> (width + 1)).sum())
+        q = values // m
+        return values.size * (width + 1) + int(q.sum()) + int(np.count_nonzero(values - q * m >= u))
     q = values // m
     total = values.size + int(q.sum())
-    if np.ndim(m) == 0:
-        if m > 1:
-            total += values.size * width
-            total += values.size if u == 0 else int(np.count_nonzero(values - q * m >= u))
-        return total
     return total + int(width.sum()) + int(np.count_nonzero(values - q * m >= u))
 
 
@@ -356,6 +358,25 @@ def _table_params(j_groups: np.ndarray, group_log: int, count: int):
     return tuple(np.repeat(table[j_groups], reps) for table in (M_TABLE, _W_TABLE, _U_TABLE))
 
 
+def _runs_from_gaps(gaps: np.ndarray, compl: bool, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs codec's values z (zeros before each run of ones, less 1 after the first) and
+    o (run length less 1), from the gaps of the minority symbol in O(len(gaps))."""
+    run_start = np.flatnonzero(gaps[1:]) + 1  # a new run of the minority symbol starts here
+    run_start = np.concatenate((np.zeros(1, np.int64), run_start))
+    run_len = np.diff(run_start, append=np.int64(gaps.size))
+    if not compl:  # minority = ones: its runs are the runs of ones
+        zeros_before, ones = gaps[run_start], run_len
+    else:  # minority = zeros: the runs of ones are the nonzero gaps, plus the ones after the end
+        trailing = n - int(gaps.sum()) - gaps.size  # ones after the last zero
+        ones = np.append(gaps[run_start], trailing)
+        zeros_before = np.concatenate((np.zeros(1, np.int64), run_len))
+        keep = ones > 0
+        ones, zeros_before = ones[keep], zeros_before[keep]
+    z = zeros_before.copy()
+    z[1:] -= 1
+    return z, ones - 1
+
+
 def _candidates(mask: np.ndarray, exhaustive: bool = False) -> list[tuple[int, int, Callable[[], bytes]]]:
     """(exact size in bytes, codec id, builder) for the codecs worth trying; needs 0 < k < n.
 
@@ -384,19 +405,19 @@ def _candidates(mask: np.ndarray, exhaustive: bool = False) -> list[tuple[int, i
                       lambda: _pack(adaptive_head,
                                     [_fixed_bits(j - j0, width)] + _golomb_write(gaps, params))))
 
-    # Runs of ones: worth a look only when the minority symbol comes in runs of two or more on
-    # average, and when the runs are few enough (each costs at least 2 bits) to beat the best so far.
+    # Runs of ones: each run costs at least 2 bits, so skip them when that alone loses.
     minority_runs = 1 + int(np.count_nonzero(gaps[1:]))
-    if exhaustive or (2 * minority_runs <= gaps.size
-                      and 2 * (minority_runs - 1) < 8 * min(c[0] for c in cands)):
-        edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0)))
-        starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
-        z = np.diff(starts, prepend=np.int64(0))
-        z[1:] -= lengths[:-1] + 1
-        o = lengths - 1
-        bits_z, mz = _best_golomb(z, n)
-        bits_o, mo = _best_golomb(o, n)
-        runs_head = bytes([RUNS]) + _varint(starts.size) + _varint(mz) + _varint(mo)
+    best = min(c[0] for c in cands)
+    if exhaustive or 2 * (minority_runs - 1) < 8 * best:
+        z, o = _runs_from_gaps(gaps, compl, n)
+        # first size the estimated parameters; search their neighbours only if that comes close
+        mz, mo = (min(_golomb_m0(float(v.mean())), n) for v in (z, o))
+        bits_z = _golomb_bits(z, _code_params(mz))
+        bits_o = _golomb_bits(o, _code_params(mo))
+        if exhaustive or _nbytes(bits_z + bits_o) < 1.05 * best:
+            bits_z, mz = _best_golomb(z, n)
+            bits_o, mo = _best_golomb(o, n)
+        runs_head = bytes([RUNS]) + _varint(z.size) + _varint(mz) + _varint(mo)
         cands.append((len(runs_head) + _nbytes(bits_z + bits_o), RUNS,
                       lambda: _pack(runs_head, _golomb_write(z, _code_params(mz))
                                     + _golomb_write(o, _code_params(mo)))))

@@ -1,0 +1,389 @@
+#!/usr/bin/env python
+"""Training-step cost of masked training, and the cost of every registered score, on CPU.
+
+Part 1 times one training step (forward + backward + optimizer step; SGD, momentum 0.9, weight decay
+5e-4, batch 128, random inputs) of ``lenet5`` and ``resnet20`` in four variants:
+
+* ``dense``       plain step, every weight trained;
+* ``prune``       ``compress.training.MaskConstraint`` in prune mode at density 0.05, the exact step of
+                  ``compress.training.train``: zero_grad, backward, ``mask_gradients(wd)``, ``step()``,
+                  ``project()``, with ``make_optimizer`` (masked parameters get their decay from the
+                  constraint);
+* ``freeze``      the same in freeze mode (untrained entries held at their seeded initial value);
+* ``torch-prune`` ``torch.nn.utils.prune.custom_from_mask`` with the same masks on every masked
+                  module (``weight_orig`` + forward pre-hook), weight decay in the optimizer.
+
+The variants are interleaved round-robin (the order rotated every repeat) so that the noise of a
+shared machine hits all of them alike; each repeat gives one ratio per variant (median step time of
+the variant in that repeat / median of dense in that repeat) and the table reports the median of
+those ratios with their interquartile range. A per-phase breakdown (forward, backward,
+mask_gradients, step, project) follows, to show where any overhead comes from.
+
+Part 2 times each registered score (``compress.scores.SCORES``) on the same models with one batch of
+100 samples (SynFlow iterative at density 0.05, as the pipeline calls it: 100 rounds), relative to
+one dense training step.
+
+Targets (printed as PASS/FAIL; the exit status is 0 either way): prune and freeze cost at most
+1.05x a dense step, and are faster than torch.nn.utils.prune.
+
+    python examples/benchmarks/bench_train_step.py            # full run, a few minutes
+    python examples/benchmarks/bench_train_step.py --quick    # under 2 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils import prune as torch_prune  # noqa: E402
+
+from compress.init import initial_values, initialise  # noqa: E402
+from compress.models import build_model  # noqa: E402
+from compress.scores import SCORES, score  # noqa: E402
+from compress.selection import Plan, select  # noqa: E402
+from compress.training import MaskConstraint, TrainSettings, make_optimizer  # noqa: E402
+
+MODELS = {"lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
+NUM_CLASSES = 10
+BATCH = 128
+SCORE_BATCH = 100
+DENSITY = 0.05
+MAX_RATIO = 1.05
+VARIANTS = ("dense", "prune", "freeze", "torch-prune")
+
+# Per model: (repeats, steps per variant per repeat, warm-up steps per variant); quick / full.
+SCHEDULE = {
+    "quick": {"lenet5": (7, 5, 3), "resnet20": (6, 2, 2)},
+    "full": {"lenet5": (21, 10, 5), "resnet20": (17, 4, 3)},
+}
+BREAKDOWN_STEPS = {"quick": 5, "full": 12}
+SCORE_REPEATS = {"quick": 1, "full": 3}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class no_gc:
+    """Collect, then keep the cyclic GC off while timing (as timeit does)."""
+
+    def __enter__(self):
+        gc.collect()
+        self.enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            gc.enable()
+        return False
+
+
+def fresh_model(name: str, seed: int) -> nn.Module:
+    model = initialise(build_model(name, MODELS[name], NUM_CLASSES), seed)
+    model.train()
+    return model
+
+
+# ---------------------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    constraint: MaskConstraint | None
+    weight_decay: float
+    last_loss: float = float("nan")
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, clock: dict[str, float] | None = None) -> None:
+        """One training step; with ``clock``, the time of each phase is added to it (in seconds)."""
+        tick = time.perf_counter
+        t0 = tick()
+        loss = F.cross_entropy(self.model(inputs), labels)
+        t1 = tick()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = tick()
+        if self.constraint is not None:
+            self.constraint.mask_gradients(self.weight_decay)
+        t3 = tick()
+        self.optimizer.step()
+        t4 = tick()
+        if self.constraint is not None:
+            self.constraint.project()
+        t5 = tick()
+        if clock is not None:
+            for key, value in (
+                ("forward", t1 - t0),
+                ("backward", t2 - t1),
+                ("mask_gradients", t3 - t2),
+                ("optimizer.step", t4 - t3),
+                ("project", t5 - t4),
+                ("total", t5 - t0),
+            ):
+                clock[key] = clock.get(key, 0.0) + value
+        self.last_loss = float(loss.detach())
+
+
+def make_plan(model: nn.Module, mode: str, seed: int) -> Plan:
+    scores = score(model, "random", [], seed=seed)
+    return select(scores, density=DENSITY, mode=mode, score="random")
+
+
+def build_variants(name: str, seed: int) -> list[Variant]:
+    settings = TrainSettings(batch_size=BATCH, lr=0.01, optimizer="sgd", momentum=0.9, weight_decay=5e-4)
+    wd = settings.weight_decay
+    variants = []
+
+    model = fresh_model(name, seed)
+    variants.append(Variant("dense", model, make_optimizer(model, settings, []), None, wd))
+
+    for mode in ("prune", "freeze"):
+        model = fresh_model(name, seed)
+        plan = make_plan(model, mode, seed)
+        initial = initial_values(model, seed, list(plan.masks)) if mode == "freeze" else None
+        constraint = MaskConstraint(model, plan, initial)
+        optimizer = make_optimizer(model, settings, constraint.names)
+        constraint.project()  # as train() does once before the first step
+        variants.append(Variant(mode, model, optimizer, constraint, wd))
+
+    model = fresh_model(name, seed)
+    plan = make_plan(model, "prune", seed)
+    for param_name, mask in plan.masks.items():
+        module_name, attr = param_name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        torch_prune.custom_from_mask(module, attr, mask.to(getattr(module, attr).dtype))
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    variants.append(Variant("torch-prune", model, optimizer, None, wd))
+    return variants
+
+
+# ------------------------------------------------------------------------------------- part 1: step
+
+
+def bench_steps(name: str, seed: int, schedule: tuple[int, int, int], breakdown_steps: int) -> dict:
+    repeats, per_block, warmup = schedule
+    shape = MODELS[name]
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn((BATCH, *shape), generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
+    variants = build_variants(name, seed)
+
+    for variant in variants:
+        for _ in range(warmup):
+            variant.step(inputs, labels)
+
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    per_repeat: dict[str, list[float]] = {v.name: [] for v in variants}  # median per repeat
+    for repeat in range(repeats):
+        shift = repeat % len(variants)
+        order = variants[shift:] + variants[:shift]
+        for variant in order:
+            block = []
+            with no_gc():
+                for _ in range(per_block):
+                    started = time.perf_counter()
+                    variant.step(inputs, labels)
+                    block.append(time.perf_counter() - started)
+            times[variant.name].extend(block)
+            per_repeat[variant.name].append(statistics.median(block))
+
+    ratios = {
+        v: [t / d for t, d in zip(per_repeat[v], per_repeat["dense"])] for v in per_repeat
+    }
+    vs_torch = {
+        v: [t / d for t, d in zip(per_repeat[v], per_repeat["torch-prune"])] for v in per_repeat
+    }
+
+    breakdown: dict[str, dict[str, float]] = {}
+    if breakdown_steps:
+        clocks = {v.name: {} for v in variants}
+        for index in range(breakdown_steps):
+            for variant in variants[index % len(variants):] + variants[: index % len(variants)]:
+                with no_gc():
+                    variant.step(inputs, labels, clocks[variant.name])
+        breakdown = {k: {p: s / breakdown_steps for p, s in c.items()} for k, c in clocks.items()}
+
+    nonfinite = [v.name for v in variants if not torch.isfinite(torch.tensor(v.last_loss))]
+    return {
+        "times": times,
+        "ratios": ratios,
+        "vs_torch": vs_torch,
+        "breakdown": breakdown,
+        "nonfinite": nonfinite,
+        "repeats": repeats,
+        "per_block": per_block,
+        "warmup": warmup,
+        "breakdown_steps": breakdown_steps,
+    }
+
+
+def report_steps(name: str, result: dict) -> list[tuple[str, bool]]:
+    times, ratios, vs_torch = result["times"], result["ratios"], result["vs_torch"]
+    steps = len(times["dense"])
+    print(
+        f"\n[{name}] train step, batch {BATCH}, input {'x'.join(map(str, MODELS[name]))}, "
+        f"{result['repeats']} interleaved repeats x {result['per_block']} steps per variant "
+        f"({steps} timed steps each, after {result['warmup']} warm-up)"
+    )
+    print(f"  {'variant':<12} {'ms/step':>9} {'ratio to dense':>15} {'IQR of ratio':>17}")
+    for variant in VARIANTS:
+        ms = statistics.median(times[variant]) * 1e3
+        ratio = statistics.median(ratios[variant])
+        iqr = f"{quantile(ratios[variant], 0.25):.3f}-{quantile(ratios[variant], 0.75):.3f}"
+        print(f"  {variant:<12} {ms:>9.2f} {ratio:>14.3f}x {iqr:>17}")
+    if result["nonfinite"]:
+        print(f"  warning: non-finite loss at the end for {', '.join(result['nonfinite'])}")
+
+    checks = []
+    for variant in ("prune", "freeze"):
+        ratio = statistics.median(ratios[variant])
+        checks.append((f"{name}: {variant} <= {MAX_RATIO:.2f}x dense (measured {ratio:.3f}x)", ratio <= MAX_RATIO))
+        relative = statistics.median(vs_torch[variant])
+        checks.append(
+            (f"{name}: {variant} faster than torch.nn.utils.prune (measured {relative:.3f}x of it)", relative < 1.0)
+        )
+    for label, ok in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}")
+
+    breakdown = result["breakdown"]
+    if breakdown:
+        print(f"  per-phase mean ms over {result['breakdown_steps']} instrumented steps per variant:")
+        phases = ("forward", "backward", "mask_gradients", "optimizer.step", "project", "total")
+        print("  " + f"{'variant':<12}" + "".join(f"{p:>16}" for p in phases))
+        for variant in VARIANTS:
+            row = breakdown[variant]
+            print("  " + f"{variant:<12}" + "".join(f"{row.get(p, 0.0) * 1e3:>16.3f}" for p in phases))
+        for variant in ("prune", "freeze"):
+            row = breakdown[variant]
+            extra = row["mask_gradients"] + row["project"]
+            print(
+                f"  {variant}: mask_gradients + project = {extra * 1e3:.3f} ms "
+                f"= {100 * extra / breakdown['dense']['total']:.2f}% of a dense step"
+            )
+    return checks
+
+
+# ----------------------------------------------------------------------------------- part 2: scores
+
+
+def bench_scores(name: str, seed: int, repeats: int, dense_step_s: float) -> None:
+    shape = MODELS[name]
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = [
+        (torch.randn((SCORE_BATCH, *shape), generator=generator),
+         torch.randint(0, NUM_CLASSES, (SCORE_BATCH,), generator=generator))
+    ]
+    model = fresh_model(name, seed)
+    print(
+        f"\n[{name}] scores, one batch of {SCORE_BATCH}, density {DENSITY} "
+        f"(synflow: iterative, {_synflow_rounds()} rounds), {repeats} timed run(s) after one warm-up; "
+        f"one dense step = {dense_step_s * 1e3:.2f} ms"
+    )
+    print(f"  {'score':<10} {'ms':>10} {'ratio to one step':>18}")
+    for score_name in SCORES.names():
+        score(model, score_name, batches, density=DENSITY, seed=seed)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            with no_gc():
+                started = time.perf_counter()
+                score(model, score_name, batches, density=DENSITY, seed=seed)
+                runs.append(time.perf_counter() - started)
+        ms = statistics.median(runs) * 1e3
+        print(f"  {score_name:<10} {ms:>10.1f} {ms / (dense_step_s * 1e3):>17.2f}x")
+
+
+def _synflow_rounds() -> str:
+    try:
+        from compress.scores import synflow
+
+        return str(synflow.ROUNDS)
+    except (ImportError, AttributeError):
+        return "?"
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under 2 minutes on 2 cores)")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-scores", action="store_true", help="skip part 2 (score timings)")
+    args = parser.parse_args(argv)
+    level = "quick" if args.quick else "full"
+
+    started = time.perf_counter()
+    command = shlex.join(["python", os.path.relpath(Path(__file__).resolve(), Path.cwd()), *sys.argv[1:]])
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    print(f"reproduce: {command}   (from {Path.cwd()})")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads (default), "
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {affinity} usable), python {platform.python_version()}"
+    )
+    print(
+        f"mode: {level}; SGD momentum 0.9, weight decay 5e-4, batch {BATCH}, density {DENSITY}, "
+        f"random scores, seed {args.seed}; targets: prune/freeze <= {MAX_RATIO:.2f}x dense and "
+        "faster than torch.nn.utils.prune"
+    )
+
+    checks: list[tuple[str, bool]] = []
+    dense_step: dict[str, float] = {}
+    for name in args.models:
+        result = bench_steps(name, args.seed, SCHEDULE[level][name], BREAKDOWN_STEPS[level])
+        checks += report_steps(name, result)
+        dense_step[name] = statistics.median(result["times"]["dense"])
+        del result
+
+    if not args.no_scores:
+        for name in args.models:
+            bench_scores(name, args.seed, SCORE_REPEATS[level], dense_step[name])
+
+    failed = [label for label, ok in checks if not ok]
+    print(f"\nsummary: {len(checks) - len(failed)}/{len(checks)} checks PASS", end="")
+    print("" if not failed else "; FAIL: " + "; ".join(failed))
+    print(f"total time {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
