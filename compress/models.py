@@ -1,6 +1,7 @@
 """Model builders: the papers' reference networks by name, and any torchvision classifier as ``tv:<name>``."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Callable
 
@@ -254,15 +255,13 @@ def _check_args(input_shape: object, num_classes: object) -> tuple[int, int, int
 
 
 def _dry_run(model: nn.Module, label: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
-    was_training = model.training
+    """Run a meta-device model on a 2-sample meta input: checks the input shape at no compute cost."""
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
-    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+            out = model(torch.zeros(2, *input_shape, device="meta"))
+    except (RuntimeError, AssertionError, ValueError, IndexError, NotImplementedError) as exc:
         raise ValueError(f"model {label!r} cannot take input shape {input_shape}: {exc}") from exc
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
@@ -270,25 +269,38 @@ def _dry_run(model: nn.Module, label: str, input_shape: tuple[int, int, int], nu
         )
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build model ``name`` (registered, or ``tv:<torchvision name>``) for ``input_shape`` (C, H, W) inputs."""
+def _construct(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    if name.startswith(TV_PREFIX):
+        return _build_tv(name[len(TV_PREFIX) :], shape, num_classes)
+    if name in MODELS:
+        try:
+            return MODELS.get(name)(shape, num_classes)
+        except RuntimeError as exc:
+            raise ValueError(f"model {name!r} cannot take input shape {shape}: {exc}") from exc
+    raise ValueError(
+        f"unknown model {name!r}; known: {', '.join(MODELS.names())}; "
+        f"or any torchvision classifier as '{TV_PREFIX}<torchvision name>' (e.g. '{TV_PREFIX}resnet18')"
+    )
+
+
+def build_model(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, *, device: str | torch.device | None = None
+) -> nn.Module:
+    """Build model ``name`` (registered, or ``tv:<torchvision name>``) for ``input_shape`` (C, H, W) inputs.
+
+    The input shape is checked by a forward pass on the meta device first (no compute). With
+    ``device="meta"`` the model has shapes but no storage (for loaders that assign weights later).
+    """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     shape = _check_args(input_shape, num_classes)
-    if name.startswith(TV_PREFIX):
-        model = _build_tv(name[len(TV_PREFIX) :], shape, num_classes)
-    elif name in MODELS:
-        try:
-            model = MODELS.get(name)(shape, num_classes)
-        except RuntimeError as exc:
-            raise ValueError(f"model {name!r} cannot take input shape {shape}: {exc}") from exc
-    else:
-        raise ValueError(
-            f"unknown model {name!r}; known: {', '.join(MODELS.names())}; "
-            f"or any torchvision classifier as '{TV_PREFIX}<torchvision name>' (e.g. '{TV_PREFIX}resnet18')"
-        )
-    _dry_run(model, name, shape, num_classes)
-    return model
+    with torch.device("meta"):
+        probe = _construct(name, shape, num_classes)
+    _dry_run(probe, name, shape, num_classes)
+    if device is not None and torch.device(device).type == "meta":
+        return probe.train()
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return _construct(name, shape, num_classes)
 
 
 def model_names() -> list[str]:

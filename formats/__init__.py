@@ -29,8 +29,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load(path: str | Path) -> torch.nn.Module:
     """The rebuilt model, in eval mode: plain parameters, no hooks, no mask buffers."""
     artifact = read_artifact(path)
-    model = build_architecture(artifact.schema["architecture"])
-    model.load_state_dict(rebuild_state_dict(artifact, model), strict=True)
+    model = build_architecture(artifact.schema["architecture"], device="meta")
+    model.load_state_dict(rebuild_state_dict(artifact, model), strict=True, assign=True)
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # tensors outside the state dict (non-persistent buffers): build them for real
+        model = build_architecture(artifact.schema["architecture"])
+        model.load_state_dict(rebuild_state_dict(artifact, model), strict=True)
     return model.eval()
 
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from formats.container import FormatError, StoredTensor, decode_container, encode_container, parse_json
@@ -89,7 +90,7 @@ def write_artifact(
                 raise ValueError(f"mask of {name} has {mask.numel()} entries, the tensor {tensor.numel()}")
             trained = tensor.reshape(-1)[mask].to(TORCH_DTYPES[value_dtype])
             stored[f"v:{name}"] = StoredTensor(value_dtype, (int(mask.sum()),), tensor_bytes(trained))
-            code = encode_mask(mask.numpy())
+            code = encode_mask(mask.numpy()) if 0 < int(mask.sum()) < mask.numel() else b""
             stored[f"m:{name}"] = StoredTensor("U8", (len(code),), code)
             entry = {"name": name, "kind": "masked", "n": int(mask.numel()), "k": int(mask.sum())}
             if mode == "freeze":
@@ -134,11 +135,11 @@ def rebuild_masked(entry: dict, mask: torch.Tensor, values: torch.Tensor, mode: 
         from compress.init import InitRule
 
         rule = entry["init"]
-        base = InitRule(rule["kind"], rule["bound"]).generate(seed, entry["name"], shape).reshape(-1).clone()
+        base = InitRule(rule["kind"], rule["bound"]).generate(seed, entry["name"], shape).numpy().reshape(-1)
     else:
-        base = torch.zeros(math.prod(shape), dtype=torch.float32)
-    base[mask] = values.to(torch.float32)
-    return base.reshape(shape)
+        base = np.zeros(math.prod(shape), dtype=np.float32)
+    base[mask.numpy()] = values.to(torch.float32).numpy()
+    return torch.from_numpy(base.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,20 +238,36 @@ def read_artifact(path: str | Path) -> Artifact:
     return parse_artifact(path.read_bytes())
 
 
-def build_architecture(architecture: dict) -> torch.nn.Module:
-    """The untrained model an artifact describes; a name this library does not know is a FormatError."""
+def build_architecture(architecture: dict, device: str | None = None) -> torch.nn.Module:
+    """The untrained model an artifact describes; a name this library does not know is a FormatError.
+
+    ``device="meta"`` builds it without storage (shapes only), which is how loaders build it before
+    assigning the rebuilt tensors.
+    """
     from compress.models import build_model
 
     try:
-        return build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"])
+        return build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"],
+                           device=device)
     except (ValueError, TypeError) as error:
         raise FormatError(f"unknown or invalid architecture {architecture['model']!r}: {error}") from None
+
+
+def decode_stored_mask(code: bytes, n: int, k: int, name: str) -> torch.Tensor:
+    """A mask with k in {0, n} is implied by (n, k) and stored as zero bytes; others are coded."""
+    if k in (0, n):
+        _require(len(code) == 0, f"mask of {name!r}: a mask with k = {k} of n = {n} must be stored as 0 bytes")
+        return torch.full((n,), k == n, dtype=torch.bool)
+    try:
+        return torch.from_numpy(decode_mask(code, n, k))
+    except MaskCodecError as error:
+        raise FormatError(f"mask of {name!r}: {error}") from None
 
 
 def rebuild_state_dict(artifact: Artifact, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The full state dict: dense tensors as stored, masked ones rebuilt and hash-checked."""
     schema = artifact.schema
-    model = build_architecture(schema["architecture"]) if model is None else model
+    model = build_architecture(schema["architecture"], device="meta") if model is None else model
     reference = model.state_dict()
     listed = [entry["name"] for entry in schema["tensors"]]
     _require(sorted(listed) == sorted(reference),
@@ -267,11 +284,8 @@ def rebuild_state_dict(artifact: Artifact, model: torch.nn.Module | None = None)
             state[name] = tensor.to(reference[name].dtype)
             continue
         _require(entry["n"] == math.prod(shape), f"masked tensor {name!r}: n = {entry['n']} but the architecture has {math.prod(shape)} entries")
-        try:
-            mask = torch.from_numpy(decode_mask(artifact.tensors[f"m:{name}"].data, entry["n"], entry["k"]))
-        except MaskCodecError as error:
-            raise FormatError(f"mask of {name!r}: {error}") from None
-        _require(int(mask.sum()) == entry["k"], f"mask of {name!r} has {int(mask.sum())} set, the schema says {entry['k']}")
+        mask = decode_stored_mask(artifact.tensors[f"m:{name}"].data, entry["n"], entry["k"], name)
+        _require(int(np.count_nonzero(mask.numpy())) == entry["k"], f"mask of {name!r} has {int(mask.sum())} set, the schema says {entry['k']}")
         values_stored = artifact.tensors[f"v:{name}"]
         values = tensor_from_bytes(values_stored.data, values_stored.dtype, values_stored.shape)
         rebuilt = rebuild_masked(entry, mask, values, schema["mode"], schema["seed"], shape)

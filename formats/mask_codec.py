@@ -1,4 +1,4 @@
-"""Lossless coding of a 1-D boolean mask in close to its information limit, log2 C(n, k) bits.
+r"""Lossless coding of a 1-D boolean mask in close to its information limit, log2 C(n, k) bits.
 
 ``encode_mask(mask)`` sizes every codec below exactly and emits the shortest (ties: lowest id);
 ``decode_mask(data, n, k)`` inverts it, given the length ``n`` and popcount ``k`` that the caller
@@ -40,11 +40,12 @@ Codecs (k ones among n entries; codecs 1..6 require 0 < k < n, codec 0 requires 
   5   adaptive-compl  as 4                            as 4, of the n-k gaps of the zeros
   6   runs            varint R, varint mz, varint mo  GS(R values z_i, mz) then GS(R values o_i, mo)
 
-Adaptive (4, 5): the K gaps form ``G = ceil(K / 2**s)`` groups of ``2**s`` consecutive gaps (the
-last may be shorter). The stream holds G fields ``d_g`` of w bits, then the GS, in which every gap of
-group g has ``m = M_TABLE[j0 + d_g]`` (which must exist and be <= n). ``M_TABLE`` has 240 entries:
-1, 2, ..., 16, then every ``(8 + f) << e`` (f = 0..7, e >= 1) above 16 and <= 2**32, increasing:
-18, 20, ..., 30, 32, 36, ..., 60, 64, 72, ...
+Adaptive (4, 5): the K gaps form ``G = ceil(K / 2**s)`` groups of ``2**s`` consecutive gaps
+(the last may be shorter). The stream holds G fields ``d_g`` of w bits, then the GS, in which every
+gap of group g has ``m = M_TABLE[j0 + d_g]`` (which must exist and be <= n); w = 0 means no fields
+(every group uses ``M_TABLE[j0]``). ``M_TABLE`` has 240 entries, increasing: 1, 2, ..., 16, then
+every ``(8 + f) << e`` (f = 0..7, e >= 1) above 16 and <= 2**32: 18, 20, ..., 30, 32, 36, ..., 60,
+64, 72, ..., 2**32.
 
 Runs (6): the mask is zeros, ones, zeros, ..., ones, zeros with R >= 1 runs of ones; run i has
 ``O_i >= 1`` ones and ``Z_i`` zeros before it (``Z_1 >= 0``, ``Z_i >= 1`` for i > 1); the zeros
@@ -89,7 +90,7 @@ CODEC_NAMES = {
 _MAX_M = 1 << 32
 _MAX_GROUP_LOG = 30
 _MAX_FIELD_WIDTH = 8
-_GROUP_LOGS = tuple(range(3, 11))  # group sizes (log2) the encoder considers for the adaptive codecs
+_GROUP_LOGS = tuple(range(3, 11))  # log2 of the group sizes the adaptive encoder considers
 
 M_TABLE = np.array(
     sorted({*range(1, 17), *((8 + f) << e for e in range(1, 30) for f in range(8))}), dtype=np.int64
@@ -112,6 +113,8 @@ def _code_params(m: int) -> tuple[int, int, int]:
 
 _W_TABLE = np.array([_code_params(int(m))[1] for m in M_TABLE], dtype=np.int64)
 _U_TABLE = np.array([_code_params(int(m))[2] for m in M_TABLE], dtype=np.int64)
+for _table in (M_TABLE, _LOG_M_TABLE, _W_TABLE, _U_TABLE):
+    _table.flags.writeable = False
 
 
 class MaskCodecError(ValueError):
@@ -123,7 +126,7 @@ class MaskCodecError(ValueError):
 
 
 def mask_information_bits(n: int, k: int) -> float:
-    """log2 C(n, k): the bits needed to name one mask of n entries with k ones (0 if k in {0, n})."""
+    """log2 C(n, k): bits needed to name one mask of n entries with k ones (0 if k in {0, n})."""
     n, k = operator.index(n), operator.index(k)
     if n < 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got n={n}, k={k}")
@@ -131,7 +134,6 @@ def mask_information_bits(n: int, k: int) -> float:
         return 0.0
     bits = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
     return max(bits, 0.0)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +342,8 @@ def _adaptive_plan(gaps: np.ndarray, n: int) -> tuple[int, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             log_m = np.log(np.where(mean > 0, np.ceil(np.log1p(theta) / -np.log(theta)), 1.0))
         j = np.clip(np.searchsorted(_LOG_M_TABLE, log_m), 1, max(j_max, 1))
-        j = np.minimum(np.where(log_m - _LOG_M_TABLE[j - 1] < _LOG_M_TABLE[j] - log_m, j - 1, j), j_max)
+        nearer_below = log_m - _LOG_M_TABLE[j - 1] < _LOG_M_TABLE[j] - log_m
+        j = np.minimum(np.where(nearer_below, j - 1, j), j_max)
         m, width, u = M_TABLE[j], _W_TABLE[j], _U_TABLE[j]
         estimate = float(
             (counts * (1.0 + width + (m - np.minimum(u, m)) / m) + sums / m).sum()
@@ -377,10 +380,12 @@ def _runs_from_gaps(gaps: np.ndarray, compl: bool, n: int) -> tuple[np.ndarray, 
     return z, ones - 1
 
 
-def _candidates(mask: np.ndarray, exhaustive: bool = False) -> list[tuple[int, int, Callable[[], bytes]]]:
-    """(exact size in bytes, codec id, builder) for the codecs worth trying; needs 0 < k < n.
+def _candidates(mask: np.ndarray, exhaustive: bool = False) -> list[tuple[int, int, Callable]]:
+    """(exact size in bytes, codec id, builder of the bytes) per codec worth trying; 0 < k < n.
 
-    Without ``exhaustive``, the runs codec is skipped where it cannot win (tests force it).
+    Without ``exhaustive`` the runs codec is skipped (or its parameter search cut short) where it
+    cannot win; tests set it to build every codec. The builders close over names that are not
+    rebound later in this function.
     """
     n = mask.size
     k = int(np.count_nonzero(mask))
@@ -489,7 +494,9 @@ def decode_mask(data: bytes, n: int, k: int) -> np.ndarray:
     if codec == BITMAP:
         payload = np.frombuffer(data, np.uint8, offset=1)
         if payload.size != _nbytes(n):
-            raise MaskCodecError(f"bitmap: expected {_nbytes(n)} bytes for n={n}, got {payload.size}")
+            raise MaskCodecError(
+                f"bitmap: expected {_nbytes(n)} bytes for n={n}, got {payload.size}"
+            )
         if n % 8 and payload[-1] & ((1 << (8 - n % 8)) - 1):
             raise MaskCodecError("bitmap: nonzero padding bits after the coded stream")
         ones = int(np.bitwise_count(payload).sum())

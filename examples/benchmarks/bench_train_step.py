@@ -65,12 +65,15 @@ DENSITY = 0.05
 MAX_RATIO = 1.05
 VARIANTS = ("dense", "prune", "freeze", "torch-prune")
 
-# Per model: (repeats, steps per variant per repeat, warm-up steps per variant); quick / full.
+# Per model: (max repeats, steps per variant per repeat, warm-up steps per variant, time budget in s).
+# One repeat = one round over the four variants; repeats stop early once the budget is spent (but
+# never before MIN_REPEATS), so a loaded machine makes the run less precise rather than much longer.
 SCHEDULE = {
-    "quick": {"lenet5": (7, 5, 3), "resnet20": (6, 2, 2)},
-    "full": {"lenet5": (21, 10, 5), "resnet20": (17, 4, 3)},
+    "quick": {"lenet5": (24, 1, 3, 10.0), "resnet20": (10, 1, 2, 30.0)},
+    "full": {"lenet5": (80, 2, 5, 60.0), "resnet20": (50, 1, 3, 200.0)},
 }
-BREAKDOWN_STEPS = {"quick": 5, "full": 12}
+MIN_REPEATS = 5
+BREAKDOWN_STEPS = {"quick": 3, "full": 10}
 SCORE_REPEATS = {"quick": 1, "full": 3}
 
 
@@ -86,6 +89,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -196,8 +206,8 @@ def build_variants(name: str, seed: int) -> list[Variant]:
 # ------------------------------------------------------------------------------------- part 1: step
 
 
-def bench_steps(name: str, seed: int, schedule: tuple[int, int, int], breakdown_steps: int) -> dict:
-    repeats, per_block, warmup = schedule
+def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], breakdown_steps: int) -> dict:
+    max_repeats, per_block, warmup, budget = schedule
     shape = MODELS[name]
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn((BATCH, *shape), generator=generator)
@@ -210,7 +220,12 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int], breakdown_
 
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     per_repeat: dict[str, list[float]] = {v.name: [] for v in variants}  # median per repeat
-    for repeat in range(repeats):
+    deadline = time.perf_counter() + budget
+    repeats = 0
+    for repeat in range(max_repeats):
+        if repeat >= MIN_REPEATS and time.perf_counter() > deadline:
+            break
+        repeats += 1
         shift = repeat % len(variants)
         order = variants[shift:] + variants[:shift]
         for variant in order:
@@ -312,12 +327,14 @@ def bench_scores(name: str, seed: int, repeats: int, dense_step_s: float) -> Non
     model = fresh_model(name, seed)
     print(
         f"\n[{name}] scores, one batch of {SCORE_BATCH}, density {DENSITY} "
-        f"(synflow: iterative, {_synflow_rounds()} rounds), {repeats} timed run(s) after one warm-up; "
+        f"(synflow: iterative, {_synflow_rounds()} rounds), median of {repeats} timed run(s) after one warm-up "
+        "(none for synflow: its first round warms it up); "
         f"one dense step = {dense_step_s * 1e3:.2f} ms"
     )
     print(f"  {'score':<10} {'ms':>10} {'ratio to one step':>18}")
     for score_name in SCORES.names():
-        score(model, score_name, batches, density=DENSITY, seed=seed)  # warm-up
+        if score_name != "synflow":
+            score(model, score_name, batches, density=DENSITY, seed=seed)  # warm-up
         runs = []
         for _ in range(repeats):
             with no_gc():
@@ -360,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads (default), "
         f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {affinity} usable), python {platform.python_version()}"
     )
+    print(f"load average (1, 5, 15 min) at start: {load_average()}")
     print(
         f"mode: {level}; SGD momentum 0.9, weight decay 5e-4, batch {BATCH}, density {DENSITY}, "
         f"random scores, seed {args.seed}; targets: prune/freeze <= {MAX_RATIO:.2f}x dense and "
@@ -381,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [label for label, ok in checks if not ok]
     print(f"\nsummary: {len(checks) - len(failed)}/{len(checks)} checks PASS", end="")
     print("" if not failed else "; FAIL: " + "; ".join(failed))
+    print(f"load average at end: {load_average()} (above {affinity} means other processes shared the CPUs)")
     print(f"total time {time.perf_counter() - started:.1f} s")
     return 0
 
