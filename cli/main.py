@@ -157,6 +157,25 @@ def evaluate(artifact, data, data_root, batch_size, device):
     click.echo(evaluate_artifact(artifact, data, data_root, batch_size, device))
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@click.option("--fp16", is_flag=True, help="Store weights as float16 (Cast to float32 in the graph): half the file.")
+@click.option("--sparse-initializers", is_flag=True,
+              help="Store mostly-zero weights as COO sparse initializers where that is smaller (onnxruntime "
+                   "densifies them at load: smaller file, same memory and speed).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run onnx.checker (full) and compare onnxruntime with PyTorch on random inputs; fail (exit 1, "
+                   "file removed) above 1e-4.")
+def export(artifact, output, opset, fp16, sparse_initializers, verify):
+    """Export a packed artifact to ONNX with a dynamic batch dimension, for any ONNX runtime."""
+    from formats.onnx_export import export_onnx
+
+    click.echo(export_onnx(artifact, output, opset=opset, fp16=fp16, sparse_initializers=sparse_initializers,
+                           verify=verify).text())
+
+
 def _overrides(options: dict) -> dict:
     if options.get("density") is not None and options.get("sparsity") is not None:
         raise click.UsageError("give --density or --sparsity, not both (sparsity = 1 - density)")
@@ -178,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as error:
         click.echo(f"error: {error.format_message()}", err=True)
         return 2
+    except RuntimeError as error:
+        if type(error).__name__ != "ExportError" or os.environ.get("COMPRESS_DEBUG"):
+            raise
+        click.echo(f"error: {error}", err=True)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
         if os.environ.get("COMPRESS_DEBUG"):
             raise

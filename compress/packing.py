@@ -78,6 +78,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16") -> dict
         "density": summary["density"], "requested_density": summary["requested_density"],
         "trained_params": summary["trained_params"], "total_params": summary["total_params"],
         "test_acc": summary["test_acc"],
+        "normalization": summary.get("normalization", {}),
         "config": {key: config.get(key) for key in MANIFEST_CONFIG_KEYS},
         "versions": {"compress": compress.__version__, "torch": torch.__version__.split("+")[0],
                      "numpy": np.__version__, "safetensors": safetensors.__version__},
@@ -119,7 +120,7 @@ def evaluate_artifact(path: str | Path, data: str | None, data_root: str | None,
         raise ValueError(f"batch-size must be a positive integer, got {batch_size}")
     architecture = schema["architecture"]
     shape = tuple(architecture["input_shape"])
-    loaded = load_data(name, data_root, shape=shape if name == "synthetic" or name.startswith("imagefolder:") else None,
+    loaded = load_data(name, data_root, seed=schema["seed"], shape=shape if name == "synthetic" or name.startswith("imagefolder:") else None,
                        num_classes=architecture["num_classes"] if name == "synthetic" else None)
     if tuple(loaded.input_shape) != shape or loaded.num_classes != architecture["num_classes"]:
         raise ValueError(f"data set {name} has inputs {loaded.input_shape} and {loaded.num_classes} classes; the "

@@ -328,6 +328,8 @@ def make_summary(prepared: Prepared, out: Path, seconds: float) -> dict:
         "model": config.model,
         "data": config.data,
         "input_shape": list(prepared.data.input_shape),
+        "normalization": {"mean": [float(v) for v in prepared.data.train.mean],
+                          "std": [float(v) for v in prepared.data.train.std]},
         "num_classes": prepared.data.num_classes,
         "method": config.method,
         "score": config.score,

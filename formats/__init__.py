@@ -12,6 +12,7 @@ import torch
 
 from formats.artifact import (
     FORMAT_VERSION,
+    MAX_ELEMENTS,
     Artifact,
     build_architecture,
     information_report,
@@ -21,16 +22,16 @@ from formats.artifact import (
 from formats.container import FormatError
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, max_elements: int = MAX_ELEMENTS) -> dict[str, torch.Tensor]:
     """The rebuilt state dict of an artifact (frozen weights regenerated from the seed and hash-checked)."""
-    return rebuild_state_dict(read_artifact(path))
+    return rebuild_state_dict(read_artifact(path), max_elements=max_elements)
 
 
-def load(path: str | Path) -> torch.nn.Module:
+def load(path: str | Path, max_elements: int = MAX_ELEMENTS) -> torch.nn.Module:
     """The rebuilt model, in eval mode: plain parameters, no hooks, no mask buffers."""
     artifact = read_artifact(path)
     model = build_architecture(artifact.schema["architecture"], device="meta")
-    model.load_state_dict(rebuild_state_dict(artifact, model), strict=True, assign=True)
+    model.load_state_dict(rebuild_state_dict(artifact, model, max_elements), strict=True, assign=True)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # tensors outside the state dict (non-persistent buffers): build them for real
         model = build_architecture(artifact.schema["architecture"])
@@ -43,4 +44,11 @@ def read_info(path: str | Path) -> dict:
     return information_report(read_artifact(path))
 
 
-__all__ = ["FormatError", "FORMAT_VERSION", "Artifact", "load", "load_state_dict", "read_info", "read_artifact"]
+def export_onnx(artifact: str | Path, path: str | Path, **options):
+    """Export an artifact to ONNX, verified with onnxruntime (see ``formats.onnx_export.export_onnx``)."""
+    from formats.onnx_export import export_onnx as _export
+
+    return _export(artifact, path, **options)
+
+
+__all__ = ["export_onnx", "FormatError", "FORMAT_VERSION", "Artifact", "load", "load_state_dict", "read_info", "read_artifact"]

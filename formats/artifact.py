@@ -25,6 +25,8 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
                 "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KNOWN_GENERATORS = {("philox4x32-10", 1)}
+DENSE_INTEGER_DTYPES = {"I64", "I32", "U8", "BOOL"}
+MAX_ELEMENTS = 2**31  # largest architecture a loader rebuilds unless told otherwise (8 GiB of float32)
 MAX_FILE_BYTES = 2**40
 
 
@@ -169,8 +171,10 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
         _require(type(schema.get(key)) is kind, f"schema field {key!r} is missing or not a {kind.__name__}")
     _require(_is_int(schema["seed"], 0, 2**32 - 1), f"seed {schema['seed']} is outside 32 bits")
     generator = schema["generator"]
-    _require((generator.get("name"), generator.get("version")) in KNOWN_GENERATORS,
+    name, version = generator.get("name"), generator.get("version")
+    _require(isinstance(name, str) and type(version) is int and (name, version) in KNOWN_GENERATORS,
              f"unknown generator {generator!r}; known: {sorted(KNOWN_GENERATORS)}")
+    _require(schema["dense_fp32_bytes"] >= 1, f"dense_fp32_bytes must be positive, got {schema['dense_fp32_bytes']}")
     _require(schema["mode"] in MODES, f"unknown mode {schema['mode']!r}")
     _require(schema["values"] in VALUE_DTYPES.values(), f"unknown values dtype {schema['values']!r}")
     architecture = schema["architecture"]
@@ -190,8 +194,12 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
             _require(set(entry) == {"name", "kind"}, f"dense tensor {name!r} has unexpected fields")
             stored = tensors.get(f"d:{name}")
             _require(stored is not None, f"dense tensor {name!r} has no stored data")
+            _require(stored.dtype in DENSE_INTEGER_DTYPES or stored.dtype == schema["values"],
+                     f"dense tensor {name!r} is stored as {stored.dtype}; floating tensors must use the values dtype "
+                     f"{schema['values']}, integer ones one of {sorted(DENSE_INTEGER_DTYPES)}")
             expected_keys.add(f"d:{name}")
         elif entry.get("kind") == "masked":
+            _require(schema["mode"] != "dense", f"tensor {name!r} is masked but the mode is dense")
             allowed = {"name", "kind", "n", "k", "sha256"} | ({"init"} if schema["mode"] == "freeze" else set())
             _require(set(entry) == allowed, f"masked tensor {name!r} must have exactly the fields {sorted(allowed)}")
             _require(_is_int(entry["n"], 0, 2**40), f"masked tensor {name!r}: invalid n {entry['n']!r}")
@@ -202,7 +210,7 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
             if schema["mode"] == "freeze":
                 rule = entry["init"]
                 _require(isinstance(rule, dict) and set(rule) == {"kind", "bound"} and rule["kind"] == "uniform"
-                         and type(rule["bound"]) in (int, float) and math.isfinite(rule["bound"]) and rule["bound"] >= 0,
+                         and type(rule["bound"]) is float and math.isfinite(rule["bound"]) and rule["bound"] >= 0,
                          f"masked tensor {name!r}: invalid init rule {rule!r}")
             values = tensors.get(f"v:{name}")
             code = tensors.get(f"m:{name}")
@@ -264,11 +272,16 @@ def decode_stored_mask(code: bytes, n: int, k: int, name: str) -> torch.Tensor:
         raise FormatError(f"mask of {name!r}: {error}") from None
 
 
-def rebuild_state_dict(artifact: Artifact, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+def rebuild_state_dict(
+    artifact: Artifact, model: torch.nn.Module | None = None, max_elements: int = MAX_ELEMENTS
+) -> dict[str, torch.Tensor]:
     """The full state dict: dense tensors as stored, masked ones rebuilt and hash-checked."""
     schema = artifact.schema
     model = build_architecture(schema["architecture"], device="meta") if model is None else model
     reference = model.state_dict()
+    elements = sum(t.numel() for t in reference.values())
+    _require(elements <= max_elements, f"the architecture has {elements:,} elements, above the loader's limit of "
+             f"{max_elements:,}; pass max_elements= to load larger models")
     listed = [entry["name"] for entry in schema["tensors"]]
     _require(sorted(listed) == sorted(reference),
              "the tensors of the artifact do not match the architecture: "

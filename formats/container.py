@@ -142,7 +142,7 @@ def decode_container(data: bytes) -> tuple[dict[str, str], dict[str, StoredTenso
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise FormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape) or len(shape) > 8:
             raise FormatError(f"tensor {name!r}: shape must be a list of at most 8 non-negative integers")

@@ -1,6 +1,5 @@
 """Packing finished runs: exact rebuilds, accuracy kept, plain modules, honest sizes, and the pack/info/eval CLI."""
 import json
-import os
 import shutil
 
 import pytest
@@ -38,14 +37,12 @@ def run_model(run_dir) -> torch.nn.Module:
     return model.eval()
 
 
-def test_acc_of(model, run_dir) -> float:
+def accuracy_of(model, run_dir) -> float:
     summary, config = read_json(run_dir / "summary.json"), read_json(run_dir / "config.json")
     data = load_data(summary["data"], shape=tuple(summary["input_shape"]), num_classes=summary["num_classes"],
                      seed=config["seed"])
     return evaluate(model, data.test, 256, torch.device("cpu"))["acc"]
 
-
-test_acc_of.__test__ = False  # a helper, not a test
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,13 +69,13 @@ def test_fp32_loaded_model_computes_exactly_what_the_run_model_computes(finished
     loaded, reference = formats.load(packed(kind, "fp32")), run_model(finished_run(kind))
     with torch.no_grad():
         assert torch.equal(loaded(inputs), reference(inputs))
-    assert test_acc_of(loaded, finished_run(kind)) == summary["test_acc"]
+    assert accuracy_of(loaded, finished_run(kind)) == summary["test_acc"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp16_pack_keeps_the_test_accuracy_within_a_tenth_of_a_point(finished_run, packed, kind):
     summary = read_json(finished_run(kind) / "summary.json")
-    accuracy = test_acc_of(formats.load(packed(kind)), finished_run(kind))
+    accuracy = accuracy_of(formats.load(packed(kind)), finished_run(kind))
     assert abs(accuracy - summary["test_acc"]) <= 0.001
 
 
@@ -252,9 +249,6 @@ def test_cli_eval_prints_the_accuracy_of_the_run(finished_run, packed, capsys):
     assert f"test accuracy {summary['test_acc']:.2%}" in stdout and "synthetic" in stdout
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compress/packing.py evaluate_artifact calls load_data without the run's "
-                   "seed; synthetic data (its normalisation and test split) depend on the seed, so `compress eval` "
-                   "scores a run trained with --seed 7 on another test set")
 def test_cli_eval_uses_the_test_split_of_a_run_with_a_nonzero_seed(tmp_path, capsys):
     args = ["--model", "lenet300", "--data", "synthetic", "--subset", "256", "--epochs", "1", "--batch-size", "64",
             "--quiet", "--method", "snip", "--density", "0.05", "--seed", "7"]
@@ -310,9 +304,6 @@ def test_bad_input_exits_2_with_one_error_line(finished_run, packed, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary file left
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: formats/artifact.py _check_schema accepts dense_fp32_bytes <= 0; "
-                   "formats/report.py format_info then divides by it (ZeroDivisionError, a traceback from "
-                   "`compress info`)")
 def test_info_of_an_artifact_with_zero_dense_bytes_is_a_one_line_error(packed, resign_schema, tmp_path, capsys):
     data = resign_schema(packed("prune").read_bytes(), lambda schema: schema.__setitem__("dense_fp32_bytes", 0))
     code, _, err = run_cli(["info", _file_with(tmp_path, data)], capsys)

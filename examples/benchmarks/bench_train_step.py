@@ -69,12 +69,13 @@ VARIANTS = ("dense", "prune", "freeze", "torch-prune")
 # One repeat = one round over the four variants; repeats stop early once the budget is spent (but
 # never before MIN_REPEATS), so a loaded machine makes the run less precise rather than much longer.
 SCHEDULE = {
-    "quick": {"lenet5": (24, 1, 3, 10.0), "resnet20": (10, 1, 2, 30.0)},
-    "full": {"lenet5": (80, 2, 5, 60.0), "resnet20": (50, 1, 3, 200.0)},
+    "quick": {"lenet5": (40, 1, 3, 10.0), "resnet20": (12, 1, 2, 25.0)},
+    "full": {"lenet5": (100, 2, 5, 60.0), "resnet20": (80, 1, 3, 180.0)},
 }
 MIN_REPEATS = 5
 BREAKDOWN_STEPS = {"quick": 3, "full": 10}
 SCORE_REPEATS = {"quick": 1, "full": 3}
+SCORE_BUDGET_S = 30.0  # no further timed run of a score once its runs took this long
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -96,6 +97,44 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+class OtherLoad:
+    """Share of the machine's CPU time used by *other* processes between construction and ``share()``.
+
+    From /proc/stat (all CPUs) minus this process's own CPU time; None where /proc is unavailable.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(x) for x in handle.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        own = os.times()
+        return sum(fields), sum(fields) - idle, own.user + own.system
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = end[0] - self.start[0]
+        busy = end[1] - self.start[1]
+        own = (end[2] - self.start[2]) * ticks
+        return max(0.0, (busy - own) / total) if total > 0 else None
+
+    def describe(self) -> str:
+        share = self.share()
+        if share is None:
+            return "CPU use by other processes: unknown"
+        flag = "  << machine shared: timings inflated and noisy" if share > 0.10 else ""
+        return f"CPU use by other processes during this part: {100 * share:.0f}% of all CPUs{flag}"
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -213,6 +252,7 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
     inputs = torch.randn((BATCH, *shape), generator=generator)
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
     variants = build_variants(name, seed)
+    load = OtherLoad()
 
     for variant in variants:
         for _ in range(warmup):
@@ -265,6 +305,7 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
         "per_block": per_block,
         "warmup": warmup,
         "breakdown_steps": breakdown_steps,
+        "load": load.describe(),
     }
 
 
@@ -276,12 +317,25 @@ def report_steps(name: str, result: dict) -> list[tuple[str, bool]]:
         f"{result['repeats']} interleaved repeats x {result['per_block']} steps per variant "
         f"({steps} timed steps each, after {result['warmup']} warm-up)"
     )
-    print(f"  {'variant':<12} {'ms/step':>9} {'ratio to dense':>15} {'IQR of ratio':>17}")
+    print(
+        f"  {'variant':<12} {'ms/step':>9} {'ratio to dense':>15} {'IQR of ratio':>14}"
+        f" {'min ms':>9} {'ratio of mins':>14}"
+    )
+    fastest_dense = min(times["dense"])
     for variant in VARIANTS:
         ms = statistics.median(times[variant]) * 1e3
         ratio = statistics.median(ratios[variant])
         iqr = f"{quantile(ratios[variant], 0.25):.3f}-{quantile(ratios[variant], 0.75):.3f}"
-        print(f"  {variant:<12} {ms:>9.2f} {ratio:>14.3f}x {iqr:>17}")
+        fastest = min(times[variant])
+        print(
+            f"  {variant:<12} {ms:>9.2f} {ratio:>14.3f}x {iqr:>14} {fastest * 1e3:>9.2f}"
+            f" {fastest / fastest_dense:>13.3f}x"
+        )
+    print(
+        "  (ms/step: median of all timed steps; ratio: median over repeats of variant/dense within the "
+        "repeat; min: fastest step, the least noise-affected estimate)"
+    )
+    print(f"  {result['load']}")
     if result["nonfinite"]:
         print(f"  warning: non-finite loss at the end for {', '.join(result['nonfinite'])}")
 
@@ -332,17 +386,21 @@ def bench_scores(name: str, seed: int, repeats: int, dense_step_s: float) -> Non
         f"one dense step = {dense_step_s * 1e3:.2f} ms"
     )
     print(f"  {'score':<10} {'ms':>10} {'ratio to one step':>18}")
+    load = OtherLoad()
     for score_name in SCORES.names():
         if score_name != "synflow":
             score(model, score_name, batches, density=DENSITY, seed=seed)  # warm-up
         runs = []
         for _ in range(repeats):
+            if sum(runs) > SCORE_BUDGET_S:
+                break
             with no_gc():
                 started = time.perf_counter()
                 score(model, score_name, batches, density=DENSITY, seed=seed)
                 runs.append(time.perf_counter() - started)
         ms = statistics.median(runs) * 1e3
         print(f"  {score_name:<10} {ms:>10.1f} {ms / (dense_step_s * 1e3):>17.2f}x")
+    print(f"  {load.describe()}")
 
 
 def _synflow_rounds() -> str:
@@ -367,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     level = "quick" if args.quick else "full"
 
     started = time.perf_counter()
+    whole_run = OtherLoad()
     command = shlex.join(["python", os.path.relpath(Path(__file__).resolve(), Path.cwd()), *sys.argv[1:]])
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -399,7 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = [label for label, ok in checks if not ok]
     print(f"\nsummary: {len(checks) - len(failed)}/{len(checks)} checks PASS", end="")
     print("" if not failed else "; FAIL: " + "; ".join(failed))
-    print(f"load average at end: {load_average()} (above {affinity} means other processes shared the CPUs)")
+    share = whole_run.share()
+    print(f"load average at end: {load_average()}; {whole_run.describe().replace('this part', 'the whole run')}")
+    if share is not None and share > 0.10:
+        print(
+            "note: the CPUs were shared with other work during this run; with torch's default of one "
+            "thread per core, every parallel region then waits for a descheduled thread, so step times "
+            "and ratios are inflated and noisy: rerun on an idle machine before trusting a FAIL"
+        )
     print(f"total time {time.perf_counter() - started:.1f} s")
     return 0
 
