@@ -160,10 +160,17 @@ def test_example_applications_agree_and_the_onnx_one_never_imports_torch(tmp_pat
     assert [line.split(" (p")[0] for line in torch_lines] == [line.split(" (p")[0] for line in onnx_run.stdout.splitlines()]
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
-def test_example_reads_idx_images(tmp_path):
+FASHION_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FASHION_TEST_IMAGES.is_file(), reason="Fashion-MNIST not installed")
+def test_examples_read_idx_images(tmp_path, monkeypatch):
+    monkeypatch.setitem(SMALL_SHAPES, "lenet300", (1, 28, 28))
     artifact = make_artifact(tmp_path / "i.cpk", "lenet300", "prune")
-    shape_note = formats.read_info(artifact)["schema"]["architecture"]["input_shape"]
-    assert shape_note == [1, 8, 8]  # not the IDX image size: build a 28x28 one instead
-    model = initialise(build_model("lenet300", (1, 28, 28), 10), 0)
-    del model
+    formats.export_onnx(artifact, tmp_path / "i.onnx")
+    outputs = []
+    for script, model in (("classify_torch.py", artifact), ("classify_onnx.py", tmp_path / "i.onnx")):
+        run = subprocess.run([sys.executable, str(EXAMPLES / script), str(model), "--idx", str(FASHION_TEST_IMAGES),
+                              "--count", "3"], capture_output=True, text=True, check=True)
+        outputs.append([line.split(" (p")[0] for line in run.stdout.splitlines()])
+    assert outputs[0] == outputs[1] and [line.split(":")[0] for line in outputs[0]] == ["image 0", "image 1", "image 2"]
