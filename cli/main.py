@@ -47,6 +47,11 @@ def selection_options(function):
         click.option("--val-split", type=float, help="Fraction of the training set held out for validation [default: 0]."),
         click.option("--method", help=f"Preset of score and mode. {_methods_help()}. [default: snip]"),
         click.option("--score", help="Override the method's score: random, magnitude, snip, grasp, synflow."),
+        click.option("--scores", help="COPS (--method cops): the two scores to combine, e.g. snip,grasp [default: snip,grasp]. "
+                     "Each is normalised by the sum of its absolute values (over all layers, or per layer with "
+                     "--scope layer) so that its scale does not decide the result."),
+        click.option("--gamma", type=float, help="COPS: keep the top of the first score subject to <s2, m> >= gamma x "
+                     "the second score's best top-k value; 0 = first score only, 1 = a best set of the second. [default: 0.5]"),
         click.option("--mode", type=click.Choice(["prune", "freeze"]), help="Override the method's mode: prune (zero) or freeze (seeded init)."),
         click.option("--density", type=float, help="Fraction of compressible weights trained, in (0, 1]."),
         click.option("--sparsity", type=float, help="Fraction of compressible weights not trained (= 1 - density)."),

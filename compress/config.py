@@ -39,6 +39,8 @@ class RunConfig:
     val_split: float = 0.0
     method: str = "snip"
     score: str | None = None
+    scores: list[str] | None = None  # COPS: the two scores to combine
+    gamma: float = 0.5  # COPS: fraction of the second score's best value the mask must keep
     mode: str | None = None
     density: float | None = None
     scope: str = "global"
@@ -73,7 +75,20 @@ class RunConfig:
             raise ValueError("give the fraction of weights to train: --density D or --sparsity S (= 1 - D)")
         config.density = check_density(config.density)
         config.score = config.score or method.score
-        if config.score is not None:
+        if isinstance(config.scores, str):
+            config.scores = [name.strip() for name in config.scores.split(",") if name.strip()]
+        if config.score == "cops":
+            config.scores = config.scores or ["snip", "grasp"]
+            if len(config.scores) != 2:
+                raise ValueError(f"COPS combines exactly two scores (--scores A,B), got {len(config.scores)}: "
+                                 f"{','.join(config.scores)}; more than two is not implemented yet")
+            for name in config.scores:
+                SCORES.get(name)
+            if isinstance(config.gamma, bool) or not isinstance(config.gamma, (int, float)) or not 0 <= config.gamma <= 1:
+                raise ValueError(f"gamma must be in [0, 1], got {config.gamma!r}")
+        elif config.scores:
+            raise ValueError("--scores combines scores with COPS; use it with --method cops")
+        elif config.score is not None:
             SCORES.get(config.score)
         config.mode = config.mode or method.mode
         if config.mode not in MODES:

@@ -21,4 +21,5 @@ METHODS.register("snip")(Method("snip", "prune", "SNIP connection sensitivity |t
 METHODS.register("grasp")(Method("grasp", "prune", "GraSP gradient-flow score, rest pruned"))
 METHODS.register("synflow")(Method("synflow", "prune", "iterative data-free SynFlow, rest pruned"))
 METHODS.register("magnitude")(Method("magnitude", "prune", "largest |theta| at init, rest pruned"))
+METHODS.register("cops")(Method("cops", "prune", "COPS: top of one score subject to keeping gamma of another's best (--scores, --gamma), rest pruned"))
 METHODS.register("random")(Method("random", "prune", "uniformly random selection, rest pruned"))

@@ -17,7 +17,7 @@ from formats.artifact import VALUE_DTYPES, write_artifact
 from formats.container import write_atomic
 
 MANIFEST_CONFIG_KEYS = ("data", "subset", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
-                        "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias")
+                        "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma")
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.config import RunConfig
+from compress.cops import cops_masks
 from compress.data import Data, load_data
 from compress.init import initial_values, initialise
 from compress.models import build_model
@@ -136,13 +137,20 @@ def prepare(config: RunConfig, *, quiet: bool = False) -> Prepared:
     plan, seconds = None, 0.0
     if config.score is not None and config.density < 1.0:
         params = compressible_parameters(model, config.include_bias)
-        batches = scoring_batches(data, config, balanced=config.score == "grasp")
+        names = config.scores if config.score == "cops" else [config.score]
+        batches = scoring_batches(data, config, balanced="grasp" in names)
         batches = [(x.to(device), y.to(device)) for x, y in batches]
         if not quiet:
-            log(f"scoring {len(params)} parameters with {config.score} ...")
+            log(f"scoring {len(params)} parameters with {' and '.join(names)} ...")
         started = time.perf_counter()
-        scores = compute_scores(model, config.score, batches, params, density=config.density, seed=config.seed)
-        plan = select(scores, config.density, config.scope, config.mode, score=config.score)
+        scores = [compute_scores(model, name, batches, params, density=config.density, seed=config.seed)
+                  for name in names]
+        if config.score == "cops":
+            masks = cops_masks(scores[0], scores[1], config.density, config.scope, config.gamma)
+            label = f"cops({','.join(names)};gamma={config.gamma:g})"
+            plan = Plan(config.mode, masks, config.density, config.scope, label)
+        else:
+            plan = select(scores[0], config.density, config.scope, config.mode, score=config.score)
         seconds = time.perf_counter() - started
     rows = plan_rows(model, plan, config.mode)
     collapsed = plan.collapsed_layers() if plan is not None else []
@@ -176,7 +184,8 @@ def format_plan(prepared: Prepared) -> str:
     c = prepared.config
     all_params = sum(p.numel() for p in prepared.model.parameters())
     lines.append(
-        f"model {c.model} ({all_params:,} parameters), method {c.method}, score {c.score}, mode {c.mode}, "
+        f"model {c.model} ({all_params:,} parameters), method {c.method}, "
+        f"score {prepared.plan.score if prepared.plan is not None else c.score}, mode {c.mode}, "
         f"scope {c.scope}: density {density:.4%} trained = sparsity {1 - density:.4%} "
         f"{'pruned' if c.mode == 'prune' else 'frozen'} ({total / max(trained, 1):.1f}x fewer trained weights)"
     )
@@ -332,7 +341,7 @@ def make_summary(prepared: Prepared, out: Path, seconds: float) -> dict:
                           "std": [float(v) for v in prepared.data.train.std]},
         "num_classes": prepared.data.num_classes,
         "method": config.method,
-        "score": config.score,
+        "score": plan.score if plan is not None else config.score,
         "mode": config.mode if plan is not None else "dense",
         "scope": config.scope,
         "seed": config.seed,

@@ -16,8 +16,14 @@ Part 1 times one training step (forward + backward + optimizer step; SGD, moment
 The variants are interleaved round-robin (the order rotated every repeat) so that the noise of a
 shared machine hits all of them alike; each repeat gives one ratio per variant (median step time of
 the variant in that repeat / median of dense in that repeat) and the table reports the median of
-those ratios with their interquartile range. A per-phase breakdown (forward, backward,
-mask_gradients, step, project) follows, to show where any overhead comes from.
+those ratios with their interquartile range (and the fastest step, the least noise-affected
+estimate). A per-phase breakdown (forward, backward, mask_gradients, step, project) follows, and then
+the cost each variant adds to a dense step timed in isolation (only the work that differs from dense,
+repeated many times): on a shared machine a whole step varies by several percent, more than the
+masking costs, so only the isolated numbers can rank variants that differ by a fraction of a percent.
+The CPU time used by other processes during each part is printed, because with torch's default of one
+thread per core a busy neighbour inflates every step (each parallel region waits for a descheduled
+thread) and makes the ratios unreliable.
 
 Part 2 times each registered score (``compress.scores.SCORES``) on the same models with one batch of
 100 samples (SynFlow iterative at density 0.05, as the pipeline calls it: 100 rounds), relative to
@@ -40,6 +46,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,8 +81,10 @@ SCHEDULE = {
 }
 MIN_REPEATS = 5
 BREAKDOWN_STEPS = {"quick": 3, "full": 10}
+BREAKDOWN_BUDGET_S = 20.0  # no further instrumented round once this is spent (at least 2 rounds)
+ISOLATED_REPS = 100  # repeats of the isolated overhead timing (each well under a millisecond or two)
 SCORE_REPEATS = {"quick": 1, "full": 3}
-SCORE_BUDGET_S = 30.0  # no further timed run of a score once its runs took this long
+SCORE_BUDGET_S = 20.0  # no further timed run of a score once its runs took this long
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -245,6 +254,73 @@ def build_variants(name: str, seed: int) -> list[Variant]:
 # ------------------------------------------------------------------------------------- part 1: step
 
 
+def _pruned_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [
+        (module, hook._tensor_name)
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, torch_prune.BasePruningMethod)
+    ]
+
+
+def isolated_overhead(variants: list[Variant], inputs, labels, reps: int) -> dict[str, float]:
+    """Median ms per step that each variant adds to a dense step, timed in isolation (many repeats).
+
+    A whole step varies by several percent on a shared machine, far more than the masking costs, so
+    the end-to-end ratios cannot rank variants whose costs differ by a fraction of a percent. Here
+    only the parts that differ from dense are timed, from one set of gradients:
+
+    * dense: ``optimizer.step()`` (the reference);
+    * prune / freeze: ``mask_gradients(wd)`` + ``optimizer.step()`` + ``project()``;
+    * torch-prune: ``optimizer.step()`` + the pruning pre-hooks (``weight = weight_orig * mask``)
+      + the backward of that product (as its own ``autograd.backward`` call, which adds the launch of
+      one small graph, a few tens of microseconds, that a real step shares with the model's backward).
+    """
+    by_name = {v.name: v for v in variants}
+    for variant in variants:
+        variant.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(variant.model(inputs), labels).backward()
+
+    pruned = _pruned_modules(by_name["torch-prune"].model)
+    originals = [getattr(module, f"{attr}_orig") for module, attr in pruned]
+    upstream = [torch.randn_like(p) * 1e-3 for p in originals]
+
+    def hooks_and_backward():
+        grads = [p.grad for p in originals]
+        for p in originals:
+            p.grad = None
+        for module, _ in pruned:
+            for hook in list(module._forward_pre_hooks.values()):
+                hook(module, (inputs,))
+        torch.autograd.backward([getattr(module, attr) for module, attr in pruned], upstream)
+        for p, g in zip(originals, grads):  # keep the step's gradients for the next optimizer.step
+            p.grad = g
+
+    def tail(variant: Variant) -> Callable[[], None]:
+        def run():
+            if variant.constraint is not None:
+                variant.constraint.mask_gradients(variant.weight_decay)
+            variant.optimizer.step()
+            if variant.constraint is not None:
+                variant.constraint.project()
+
+        return run
+
+    parts = {v.name: [tail(v)] for v in variants}
+    parts["torch-prune"].append(hooks_and_backward)
+    samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    with no_gc():
+        for _ in range(reps + 2):  # the first two rounds warm up
+            for variant in variants:
+                started = time.perf_counter()
+                for part in parts[variant.name]:
+                    part()
+                samples[variant.name].append(time.perf_counter() - started)
+    dense = statistics.median(samples["dense"][2:])
+    return {name: statistics.median(values[2:]) - dense for name, values in samples.items()}
+
+
+
 def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], breakdown_steps: int) -> dict:
     max_repeats, per_block, warmup, budget = schedule
     shape = MODELS[name]
@@ -288,11 +364,18 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
     breakdown: dict[str, dict[str, float]] = {}
     if breakdown_steps:
         clocks = {v.name: {} for v in variants}
+        deadline = time.perf_counter() + BREAKDOWN_BUDGET_S
+        done = 0
         for index in range(breakdown_steps):
+            if index >= 2 and time.perf_counter() > deadline:
+                break
             for variant in variants[index % len(variants):] + variants[: index % len(variants)]:
                 with no_gc():
                     variant.step(inputs, labels, clocks[variant.name])
-        breakdown = {k: {p: s / breakdown_steps for p, s in c.items()} for k, c in clocks.items()}
+            done += 1
+        breakdown = {k: {p: s / done for p, s in c.items()} for k, c in clocks.items()}
+        breakdown_steps = done
+    overhead = isolated_overhead(variants, inputs, labels, ISOLATED_REPS)
 
     nonfinite = [v.name for v in variants if not torch.isfinite(torch.tensor(v.last_loss))]
     return {
@@ -300,6 +383,7 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
         "ratios": ratios,
         "vs_torch": vs_torch,
         "breakdown": breakdown,
+        "overhead": overhead,
         "nonfinite": nonfinite,
         "repeats": repeats,
         "per_block": per_block,
@@ -365,6 +449,22 @@ def report_steps(name: str, result: dict) -> list[tuple[str, bool]]:
                 f"  {variant}: mask_gradients + project = {extra * 1e3:.3f} ms "
                 f"= {100 * extra / breakdown['dense']['total']:.2f}% of a dense step"
             )
+
+    overhead = result["overhead"]
+    dense_ms = statistics.median(times["dense"]) * 1e3
+    print(
+        f"  isolated cost added to a dense step (median of {ISOLATED_REPS} repeats of only the differing "
+        "work; see isolated_overhead):"
+    )
+    for variant in ("prune", "freeze", "torch-prune"):
+        ms = overhead[variant] * 1e3
+        print(f"    {variant:<12} {ms:>+8.3f} ms  = {100 * ms / dense_ms:>+6.2f}% of a dense step")
+    for variant in ("prune", "freeze"):
+        cheaper = overhead[variant] < overhead["torch-prune"]
+        print(
+            f"    {variant} adds {'less' if cheaper else 'more'} than torch.nn.utils.prune "
+            f"({overhead[variant] * 1e3:+.3f} vs {overhead['torch-prune'] * 1e3:+.3f} ms)"
+        )
     return checks
 
 
