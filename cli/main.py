@@ -56,6 +56,13 @@ def selection_options(function):
         click.option("--density", type=float, help="Fraction of compressible weights trained, in (0, 1]."),
         click.option("--sparsity", type=float, help="Fraction of compressible weights not trained (= 1 - density)."),
         click.option("--scope", type=click.Choice(["global", "layer"]), help="Top-k over all layers together (global) or the same density in every layer. [default: global]"),
+        click.option("--interspace", is_flag=True, default=None,
+                     help="Interspace pruning: every KxK conv (K > 1) becomes coefficients over a per-layer filter "
+                          "basis; masks, scores and freezing apply to the coefficients, the basis is trained."),
+        click.option("--basis", type=click.Choice(["dct", "spatial"]),
+                     help="Initial filter basis of --interspace layers: 2-D DCT-II (orthonormal) or the spatial unit "
+                          "basis (which makes interspace pruning identical to standard pruning). [default: dct]"),
+        click.option("--fixed-basis", is_flag=True, default=None, help="Hold the --interspace basis fixed instead of training it."),
         click.option("--include-bias/--no-include-bias", default=None, help="Also mask conv/linear biases [default: no]."),
         click.option("--score-batches", type=int, help="Batches used to compute the score [default: 1]."),
         click.option("--score-batch-size", type=int, help="Samples per scoring batch [default: 100, as SNIP's reference]."),

@@ -45,6 +45,9 @@ class RunConfig:
     density: float | None = None
     scope: str = "global"
     include_bias: bool = False
+    interspace: bool = False  # interspace pruning: masks on coefficients over per-layer filter bases
+    basis: str = "dct"  # the initial filter basis of interspace layers: dct or spatial
+    fixed_basis: bool = False  # hold the basis at its initial value instead of training it
     score_batches: int = 1
     score_batch_size: int = 100
     on_collapse: str = "warn"
@@ -98,6 +101,10 @@ class RunConfig:
         if config.on_collapse not in ON_COLLAPSE:
             raise ValueError(f"unknown on-collapse {config.on_collapse!r}; known: {', '.join(ON_COLLAPSE)}")
         config.seed = check_seed(config.seed)
+        if config.basis not in ("dct", "spatial"):
+            raise ValueError(f"unknown basis {config.basis!r}; known: dct, spatial")
+        if not config.interspace and (config.basis != "dct" or config.fixed_basis):
+            raise ValueError("--basis and --fixed-basis apply to interspace pruning; add --interspace")
         for name in ("score_batches", "score_batch_size"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -4,8 +4,10 @@ The rule is PyTorch's default layer init (kaiming-uniform with a = sqrt(5) for w
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for biases), so models train as they do
 with torch's own init, but the values are a pure function of (seed, parameter name) and can be
 regenerated bit-exactly anywhere: the packed artifact stores only the seed and each rule's bound.
-Normalisation layers start at weight 1, bias 0. Parameters of any other module keep their
-constructor's init; they are never compressible and are always stored as values.
+Normalisation layers start at weight 1, bias 0. Interspace coefficients are drawn from the stream of
+their layer's ``weight`` name (see ``compress.interspace``); their basis keeps its constructed value.
+Parameters of any other module keep their constructor's init; they are never compressible and are
+always stored as values.
 """
 from __future__ import annotations
 
@@ -27,11 +29,15 @@ class InitRule:
 
     kind: str
     bound: float
+    stream: str | None = None  # the stream name when it is not the parameter's (interspace coefficients)
 
     def generate(self, seed: int, name: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         if self.kind != "uniform":
             raise ValueError(f"unknown init rule {self.kind!r}; known: uniform")
-        return uniform(seed, name, shape, self.bound)
+        return uniform(seed, self.stream or name, shape, self.bound)
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "bound": self.bound, **({"stream": self.stream} if self.stream else {})}
 
 
 def _fan_in(weight: torch.Tensor) -> int:
@@ -40,14 +46,21 @@ def _fan_in(weight: torch.Tensor) -> int:
 
 def init_rules(model: nn.Module) -> dict[str, InitRule]:
     """The rule of every conv/linear weight and bias of ``model``, keyed by parameter name."""
+    from compress.interspace import InterspaceConv2d
+
     rules: dict[str, InitRule] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, WEIGHTED_LAYERS):
-            continue
         prefix = f"{module_name}." if module_name else ""
-        fan_in = _fan_in(module.weight)
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        rules[prefix + "weight"] = InitRule("uniform", bound)
+        if isinstance(module, InterspaceConv2d):
+            fan_in = _fan_in(module.coefficients)
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            rules[prefix + "coefficients"] = InitRule("uniform", bound, stream=prefix + "weight")
+        elif isinstance(module, WEIGHTED_LAYERS):
+            fan_in = _fan_in(module.weight)
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            rules[prefix + "weight"] = InitRule("uniform", bound)
+        else:
+            continue
         if module.bias is not None:
             rules[prefix + "bias"] = InitRule("uniform", bound)
     return rules
@@ -78,7 +91,7 @@ def initial_values(model: nn.Module, seed: int, names: list[str]) -> dict[str, t
     parameters = dict(model.named_parameters())
     missing = [name for name in names if name not in rules]
     if missing:
-        raise ValueError(f"no portable init rule for {missing}; only conv and linear parameters have one")
+        raise ValueError(f"no portable init rule for {missing}; only conv, linear and interspace parameters have one")
     return {
         name: rules[name].generate(seed, name, parameters[name].shape).to(parameters[name].device)
         for name in names

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from compress.init import init_rules
+from compress.interspace import to_interspace, to_standard_state_dict
 from compress.models import build_model
 from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
 from formats.artifact import VALUE_DTYPES, write_artifact
@@ -66,13 +67,17 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16") -> dict
     architecture = {"model": summary["model"], "input_shape": summary["input_shape"],
                     "num_classes": summary["num_classes"]}
     model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"])
+    interspace = summary.get("interspace")
+    if interspace:
+        to_interspace(model, interspace["basis"], interspace["trainable_basis"])
+        architecture["interspace"] = {"layers": list(interspace["layers"])}
     reference = model.state_dict()
     if sorted(state) != sorted(reference) or any(state[k].shape != reference[k].shape for k in reference):
         raise ValueError(f"{run_dir}/model.safetensors does not match the architecture {architecture['model']}")
     state = {name: state[name] for name in reference}  # the model's own order
     mode = summary["mode"] if masks else "dense"
     check_run_consistency(state, masks, mode, config["seed"], model)
-    rules = {name: {"kind": rule.kind, "bound": rule.bound} for name, rule in init_rules(model).items()}
+    rules = {name: rule.as_dict() for name, rule in init_rules(model).items()}
     manifest = {
         "method": summary["method"], "score": summary["score"], "scope": summary["scope"],
         "density": summary["density"], "requested_density": summary["requested_density"],
@@ -83,7 +88,8 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16") -> dict
         "versions": {"compress": compress.__version__, "torch": torch.__version__.split("+")[0],
                      "numpy": np.__version__, "safetensors": safetensors.__version__},
     }
-    dense_bytes = len(safetensors.torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}))
+    plain = to_standard_state_dict(state, interspace["layers"]) if interspace else state
+    dense_bytes = len(safetensors.torch.save({k: v.float() if v.is_floating_point() else v for k, v in plain.items()}))
     data = write_artifact(
         state, masks, mode=mode, seed=config["seed"], architecture=architecture, init_rules=rules,
         manifest=manifest, values=values, dense_fp32_bytes=dense_bytes,

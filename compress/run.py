@@ -22,6 +22,7 @@ from compress.config import RunConfig
 from compress.cops import cops_masks
 from compress.data import Data, load_data
 from compress.init import initial_values, initialise
+from compress.interspace import to_interspace
 from compress.models import build_model
 from compress.params import compressible_parameters
 from compress.scores import score as compute_scores
@@ -46,6 +47,7 @@ class LayerRow:
     weights: int
     trained: int
     mode: str
+    kind: str = "weights"  # "weights" or interspace "coefficients"
 
     @property
     def density(self) -> float:
@@ -63,6 +65,7 @@ class Prepared:
     rows: list[LayerRow]
     device: torch.device
     score_seconds: float
+    interspace_layers: list[str]
 
 
 def log(message: str) -> None:
@@ -122,7 +125,9 @@ def plan_rows(model: torch.nn.Module, plan: Plan | None, mode: str) -> list[Laye
     for name in names:
         param = named[name]
         trained = int(plan.masks[name].sum()) if plan is not None else param.numel()
-        rows.append(LayerRow(name, list(param.shape), param.numel(), trained, mode if plan is not None else "dense"))
+        kind = "coefficients" if name.endswith(".coefficients") else "weights"
+        rows.append(LayerRow(name, list(param.shape), param.numel(), trained, mode if plan is not None else "dense",
+                             kind))
     return rows
 
 
@@ -132,6 +137,9 @@ def prepare(config: RunConfig, *, quiet: bool = False) -> Prepared:
     device = resolve_device(config.device)
     data = load_run_data(config)
     model = build_model(config.model, data.input_shape, data.num_classes)
+    layers = to_interspace(model, config.basis, not config.fixed_basis) if config.interspace else []
+    if config.interspace and not layers:
+        raise ValueError(f"model {config.model} has no convolution larger than 1x1: --interspace has nothing to do")
     initialise(model, config.seed)
     model.to(device)
     plan, seconds = None, 0.0
@@ -163,19 +171,20 @@ def prepare(config: RunConfig, *, quiet: bool = False) -> Prepared:
             raise ValueError(message)
         if not quiet:
             log(f"warning: {message}")
-    return Prepared(config, data, model, plan, rows, device, seconds)
+    return Prepared(config, data, model, plan, rows, device, seconds, layers)
 
 
 def format_plan(prepared: Prepared) -> str:
     """The per-layer table: weights, trained, density and mode, with totals and density vs sparsity."""
     rows = prepared.rows
     width = max([len("parameter")] + [len(r.name) for r in rows])
-    lines = [f"{'parameter':<{width}}  {'shape':<18} {'weights':>11} {'trained':>10} {'density':>9}  mode"]
+    lines = [f"{'parameter':<{width}}  {'shape':<18} {'entries':>11} {'trained':>10} {'density':>9}  mode"]
     for r in rows:
         flag = "  <- collapsed" if r.weights and r.trained == 0 else ""
         shape = "x".join(str(s) for s in r.shape)
+        kind = "  (interspace coefficients)" if r.kind == "coefficients" else ""
         lines.append(
-            f"{r.name:<{width}}  {shape:<18} {r.weights:>11,} {r.trained:>10,} {r.density:>9.4%}  {r.mode}{flag}"
+            f"{r.name:<{width}}  {shape:<18} {r.weights:>11,} {r.trained:>10,} {r.density:>9.4%}  {r.mode}{kind}{flag}"
         )
     total = sum(r.weights for r in rows)
     trained = sum(r.trained for r in rows)
@@ -183,6 +192,11 @@ def format_plan(prepared: Prepared) -> str:
     lines.append(f"{'total':<{width}}  {'':<18} {total:>11,} {trained:>10,} {density:>9.4%}")
     c = prepared.config
     all_params = sum(p.numel() for p in prepared.model.parameters())
+    if prepared.interspace_layers:
+        bases = sum(prepared.model.get_parameter(f"{layer}.basis").numel() for layer in prepared.interspace_layers)
+        lines.append(f"interspace: {len(prepared.interspace_layers)} convolutions as coefficients over {c.basis} filter "
+                     f"bases ({bases:,} basis entries, {'fixed' if c.fixed_basis else 'trained'}); density counts "
+                     "coefficients of those layers and weights of the others")
     lines.append(
         f"model {c.model} ({all_params:,} parameters), method {c.method}, "
         f"score {prepared.plan.score if prepared.plan is not None else c.score}, mode {c.mode}, "
@@ -332,11 +346,13 @@ def make_summary(prepared: Prepared, out: Path, seconds: float) -> dict:
     masked = set(plan.masks) if plan is not None else set()
     compressible = sum(r.weights for r in prepared.rows)
     trained_compressible = sum(r.trained for r in prepared.rows)
-    dense_trained = sum(p.numel() for n, p in model.named_parameters() if n not in masked)
+    dense_trained = sum(p.numel() for n, p in model.named_parameters() if n not in masked and p.requires_grad)
     summary = {
         "model": config.model,
         "data": config.data,
         "input_shape": list(prepared.data.input_shape),
+        "interspace": {"layers": prepared.interspace_layers, "basis": config.basis,
+                       "trainable_basis": not config.fixed_basis} if prepared.interspace_layers else None,
         "normalization": {"mean": [float(v) for v in prepared.data.train.mean],
                           "std": [float(v) for v in prepared.data.train.std]},
         "num_classes": prepared.data.num_classes,

@@ -19,23 +19,35 @@ from formats.artifact import (
     read_artifact,
     rebuild_state_dict,
 )
+from compress.interspace import to_standard_state_dict
 from formats.container import FormatError
 
 
-def load_state_dict(path: str | Path, max_elements: int = MAX_ELEMENTS) -> dict[str, torch.Tensor]:
-    """The rebuilt state dict of an artifact (frozen weights regenerated from the seed and hash-checked)."""
-    return rebuild_state_dict(read_artifact(path), max_elements=max_elements)
+def load_state_dict(path: str | Path, max_elements: int = MAX_ELEMENTS, factored: bool = False) -> dict[str, torch.Tensor]:
+    """The rebuilt state dict of an artifact (frozen weights regenerated from the seed and hash-checked).
+
+    Interspace layers come as plain convolution weights W = lam F, as in ``load``; ``factored=True``
+    returns their stored coefficients and bases instead (bit-identical to the run's model.safetensors).
+    """
+    artifact = read_artifact(path)
+    state = rebuild_state_dict(artifact, max_elements=max_elements)
+    layers = artifact.schema["architecture"].get("interspace", {}).get("layers", [])
+    return state if factored or not layers else to_standard_state_dict(state, layers)
 
 
 def load(path: str | Path, max_elements: int = MAX_ELEMENTS) -> torch.nn.Module:
     """The rebuilt model, in eval mode: plain parameters, no hooks, no mask buffers."""
     artifact = read_artifact(path)
+    state = rebuild_state_dict(artifact, max_elements=max_elements)
+    layers = artifact.schema["architecture"].get("interspace", {}).get("layers", [])
+    if layers:
+        state = to_standard_state_dict(state, layers)
     model = build_architecture(artifact.schema["architecture"], device="meta")
-    model.load_state_dict(rebuild_state_dict(artifact, model, max_elements), strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # tensors outside the state dict (non-persistent buffers): build them for real
         model = build_architecture(artifact.schema["architecture"])
-        model.load_state_dict(rebuild_state_dict(artifact, model), strict=True)
+        model.load_state_dict(state, strict=True)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from formats.container import FormatError, StoredTensor, decode_container, encod
 from formats.mask_codec import MaskCodecError, decode_mask, encode_mask, mask_information_bits
 
 FORMAT_NAME = "compress-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds interspace layers; files without them are still written as version 1
 SCHEMA_KEY = "compress"
 MODES = ("dense", "prune", "freeze")
 VALUE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -111,7 +111,7 @@ def write_artifact(
         raise ValueError(f"masks for tensors that are not in the state dict: {unknown}")
     schema = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": 2 if "interspace" in architecture else 1,
         "architecture": architecture,
         "seed": seed,
         "generator": generator,
@@ -137,7 +137,8 @@ def rebuild_masked(entry: dict, mask: torch.Tensor, values: torch.Tensor, mode: 
         from compress.init import InitRule
 
         rule = entry["init"]
-        base = InitRule(rule["kind"], rule["bound"]).generate(seed, entry["name"], shape).numpy().reshape(-1)
+        base = InitRule(rule["kind"], rule["bound"], rule.get("stream")).generate(seed, entry["name"], shape)
+        base = base.numpy().reshape(-1)
     else:
         base = np.zeros(math.prod(shape), dtype=np.float32)
     base[mask.numpy()] = values.to(torch.float32).numpy()
@@ -171,8 +172,9 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
         _require(type(schema.get(key)) is kind, f"schema field {key!r} is missing or not a {kind.__name__}")
     _require(_is_int(schema["seed"], 0, 2**32 - 1), f"seed {schema['seed']} is outside 32 bits")
     generator = schema["generator"]
-    name, version = generator.get("name"), generator.get("version")
-    _require(isinstance(name, str) and type(version) is int and (name, version) in KNOWN_GENERATORS,
+    generator_name, generator_version = generator.get("name"), generator.get("version")
+    _require(isinstance(generator_name, str) and type(generator_version) is int
+             and (generator_name, generator_version) in KNOWN_GENERATORS,
              f"unknown generator {generator!r}; known: {sorted(KNOWN_GENERATORS)}")
     _require(schema["dense_fp32_bytes"] >= 1, f"dense_fp32_bytes must be positive, got {schema['dense_fp32_bytes']}")
     _require(schema["mode"] in MODES, f"unknown mode {schema['mode']!r}")
@@ -183,6 +185,15 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
     _require(isinstance(shape, list) and len(shape) == 3 and all(_is_int(s, 1, 2**16) for s in shape),
              f"architecture input_shape {shape!r} is not three positive integers")
     _require(_is_int(architecture.get("num_classes"), 2, 2**24), "architecture num_classes is invalid")
+    unknown = sorted(set(architecture) - {"model", "input_shape", "num_classes", "interspace"})
+    _require(not unknown, f"architecture has unknown fields {unknown}")
+    if "interspace" in architecture:
+        _require(version >= 2, "interspace layers need format version 2")
+        spec = architecture["interspace"]
+        _require(isinstance(spec, dict) and set(spec) == {"layers"} and isinstance(spec["layers"], list)
+                 and spec["layers"] and all(isinstance(x, str) for x in spec["layers"])
+                 and len(set(spec["layers"])) == len(spec["layers"]),
+                 "architecture interspace must be {\"layers\": [distinct layer names]}")
     expected_keys = set()
     names = set()
     for entry in schema["tensors"]:
@@ -209,7 +220,8 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
                      f"masked tensor {name!r}: invalid sha256")
             if schema["mode"] == "freeze":
                 rule = entry["init"]
-                _require(isinstance(rule, dict) and set(rule) == {"kind", "bound"} and rule["kind"] == "uniform"
+                _require(isinstance(rule, dict) and set(rule) in ({"kind", "bound"}, {"kind", "bound", "stream"})
+                         and rule["kind"] == "uniform" and isinstance(rule.get("stream", ""), str)
                          and type(rule["bound"]) is float and math.isfinite(rule["bound"]) and rule["bound"] >= 0,
                          f"masked tensor {name!r}: invalid init rule {rule!r}")
             values = tensors.get(f"v:{name}")
@@ -246,19 +258,27 @@ def read_artifact(path: str | Path) -> Artifact:
     return parse_artifact(path.read_bytes())
 
 
-def build_architecture(architecture: dict, device: str | None = None) -> torch.nn.Module:
+def build_architecture(architecture: dict, device: str | None = None, factored: bool = False) -> torch.nn.Module:
     """The untrained model an artifact describes; a name this library does not know is a FormatError.
 
     ``device="meta"`` builds it without storage (shapes only), which is how loaders build it before
-    assigning the rebuilt tensors.
+    assigning the rebuilt tensors. ``factored`` builds interspace layers as coefficients and bases
+    (the stored form); otherwise the plain convolutional model that loaders return.
     """
+    from compress.interspace import to_interspace
     from compress.models import build_model
 
     try:
-        return build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"],
-                           device=device)
+        model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"],
+                            device=device)
     except (ValueError, TypeError) as error:
         raise FormatError(f"unknown or invalid architecture {architecture['model']!r}: {error}") from None
+    if factored and "interspace" in architecture:
+        layers = to_interspace(model, "spatial")
+        _require(layers == architecture["interspace"]["layers"],
+                 f"interspace layers {architecture['interspace']['layers']} do not match the architecture's "
+                 f"eligible convolutions {layers}")
+    return model
 
 
 def decode_stored_mask(code: bytes, n: int, k: int, name: str) -> torch.Tensor:
@@ -277,7 +297,7 @@ def rebuild_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full state dict: dense tensors as stored, masked ones rebuilt and hash-checked."""
     schema = artifact.schema
-    model = build_architecture(schema["architecture"], device="meta") if model is None else model
+    model = build_architecture(schema["architecture"], device="meta", factored=True) if model is None else model
     reference = model.state_dict()
     elements = sum(t.numel() for t in reference.values())
     _require(elements <= max_elements, f"the architecture has {elements:,} elements, above the loader's limit of "
@@ -312,6 +332,7 @@ def rebuild_state_dict(
 def information_report(artifact: Artifact) -> dict:
     """Bytes of values, masks and header per tensor and in total, against the mask information limit."""
     schema = artifact.schema
+    bases = {f"{layer}.basis" for layer in schema["architecture"].get("interspace", {}).get("layers", [])}
     rows = []
     for entry in schema["tensors"]:
         name = entry["name"]
@@ -326,15 +347,17 @@ def information_report(artifact: Artifact) -> dict:
         else:
             stored = artifact.tensors[f"d:{name}"]
             count = math.prod(stored.shape)
-            rows.append({"name": name, "kind": "dense", "total": count, "trained": count, "density": 1.0,
+            rows.append({"name": name, "kind": "basis" if name in bases else "dense", "total": count, "trained": count, "density": 1.0,
                          "value_bytes": len(stored.data), "mask_bytes": 0, "mask_limit_bytes": 0.0,
                          "bits_per_trained": 8 * len(stored.data) / count if count else None})
     masked = [r for r in rows if r["kind"] == "masked"]
     totals = {
         "file_bytes": artifact.file_bytes,
+        "interspace_layers": len(bases),
         "header_bytes": artifact.header_bytes,
         "value_bytes": sum(r["value_bytes"] for r in rows if r["kind"] == "masked"),
         "dense_bytes": sum(r["value_bytes"] for r in rows if r["kind"] == "dense"),
+        "basis_bytes": sum(r["value_bytes"] for r in rows if r["kind"] == "basis"),
         "mask_bytes": sum(r["mask_bytes"] for r in rows),
         "mask_limit_bytes": sum(r["mask_limit_bytes"] for r in rows),
         "masked_total": sum(r["total"] for r in masked),

@@ -38,6 +38,8 @@ def format_info(info: dict) -> str:
         f"masks          : {t['mask_bytes']:>10,} B   (information limit {t['mask_limit_bytes']:,.0f} B, "
         f"ratio {t['mask_bytes'] / t['mask_limit_bytes'] if t['mask_limit_bytes'] else 1:.3f})",
         f"dense tensors  : {t['dense_bytes']:>10,} B   (biases, norms, buffers)",
+        *([f"filter bases   : {t['basis_bytes']:>10,} B   ({t['interspace_layers']} interspace layers)"]
+          if t.get("interspace_layers") else []),
         f"header         : {t['header_bytes']:>10,} B",
         f"artifact       : {t['file_bytes']:>10,} B   ({_size(t['file_bytes'])})"
         + (f", {t['bits_per_trained']:.2f} bits per trained weight (values + mask)" if t["bits_per_trained"] else ""),
