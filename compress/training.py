@@ -178,6 +178,18 @@ def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> 
 EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
 
 
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint: MaskConstraint,
+                  inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """One constrained step: forward, backward, mask the gradients, optimizer step, project; returns the loss."""
+    loss = F.cross_entropy(model(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    constraint.mask_gradients(weight_decay)
+    optimizer.step()
+    constraint.project()
+    return loss
+
+
 def train(
     model: nn.Module,
     data,
@@ -220,12 +232,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 inputs, labels = inputs.to(device), labels.to(device)
-                loss = F.cross_entropy(model(inputs), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                constraint.mask_gradients(settings.weight_decay)
-                optimizer.step()
-                constraint.project()
+                loss = training_step(model, optimizer, constraint, inputs, labels, settings.weight_decay)
                 if on_step_end is not None:
                     on_step_end(epoch * steps_per_epoch + step_in_epoch)
                 loss_sum += float(loss.detach()) * len(labels)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.scores import SCORES, parameters_by_name, require_batches
+from compress.scores.snip import loss_gradients
 
 TEMPERATURE = 200.0
 
@@ -17,13 +18,7 @@ TEMPERATURE = 200.0
 def hessian_gradient_product(model, batches, params, temperature: float = TEMPERATURE) -> list[torch.Tensor]:
     """H g for the loss on ``batches`` with logits / ``temperature``, where g is that loss's gradient."""
     weights = parameters_by_name(model, params)
-    model.train()
-    grad = [torch.zeros_like(w) for w in weights]
-    for inputs, labels in batches:
-        loss = F.cross_entropy(model(inputs) / temperature, labels)
-        for acc, g in zip(grad, torch.autograd.grad(loss, weights, allow_unused=True)):
-            if g is not None:
-                acc.add_(g)
+    grad = loss_gradients(model, batches, params, temperature)
     product = [torch.zeros_like(w) for w in weights]
     for inputs, labels in batches:
         loss = F.cross_entropy(model(inputs) / temperature, labels)

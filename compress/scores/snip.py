@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from compress.scores import SCORES, parameters_by_name, require_batches
 
 
-def loss_gradients(model, batches, params) -> list[torch.Tensor]:
-    """dL/dtheta of the summed mean cross-entropy over ``batches``, model in train mode (as the reference)."""
+def loss_gradients(model, batches, params, temperature: float = 1.0) -> list[torch.Tensor]:
+    """dL/dtheta of the summed mean cross-entropy of logits / ``temperature`` over ``batches``, model in
+    train mode (as the references)."""
     weights = parameters_by_name(model, params)
     model.train()
     total = [torch.zeros_like(w) for w in weights]
     for inputs, labels in batches:
-        loss = F.cross_entropy(model(inputs), labels)
+        loss = F.cross_entropy(model(inputs) / temperature, labels)
         for acc, grad in zip(total, torch.autograd.grad(loss, weights, allow_unused=True)):
             if grad is not None:
                 acc.add_(grad)

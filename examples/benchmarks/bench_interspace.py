@@ -15,14 +15,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from compress.init import initialise
 from compress.interspace import to_interspace
 from compress.models import build_model
 from compress.scores import score
 from compress.selection import select
-from compress.training import MaskConstraint, TrainSettings, make_optimizer
+from compress.training import MaskConstraint, TrainSettings, make_optimizer, training_step
 
 
 def make_step(model_name: str, interspace: bool):
@@ -41,12 +40,7 @@ def make_step(model_name: str, interspace: bool):
 
     def step() -> float:
         started = time.perf_counter()
-        loss = F.cross_entropy(model(inputs), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        constraint.mask_gradients(settings.weight_decay)
-        optimizer.step()
-        constraint.project()
+        training_step(model, optimizer, constraint, inputs, labels, settings.weight_decay)
         return time.perf_counter() - started
 
     return step
