@@ -104,13 +104,9 @@ def scoring_batches(data: Data, config: RunConfig, balanced: bool) -> list[tuple
     if balanced:
         per_class = max(1, config.score_batch_size // data.num_classes)
         labels = split.y[order]
-        picks = []
-        for _ in range(config.score_batches):
-            for cls in range(data.num_classes):
-                members = order[labels == cls]
-                start = len([p for p in picks if int(split.y[p]) == cls])
-                picks.extend(members[start : start + per_class].tolist())
-        order = torch.tensor(picks, dtype=torch.long)
+        by_class = [order[labels == cls] for cls in range(data.num_classes)]
+        order = torch.cat([members[b * per_class : (b + 1) * per_class]
+                           for b in range(config.score_batches) for members in by_class])
     else:
         order = order[: min(needed, len(split))]
     subset = replace(split, x=split.x[order], y=split.y[order], augment=False)
@@ -178,7 +174,7 @@ def format_plan(prepared: Prepared) -> str:
     """The per-layer table: weights, trained, density and mode, with totals and density vs sparsity."""
     rows = prepared.rows
     width = max([len("parameter")] + [len(r.name) for r in rows])
-    lines = [f"{'parameter':<{width}}  {'shape':<18} {'entries':>11} {'trained':>10} {'density':>9}  mode"]
+    lines = [f"{'parameter':<{width}}  {'shape':<18} {'weights':>11} {'trained':>10} {'density':>9}  mode"]
     for r in rows:
         flag = "  <- collapsed" if r.weights and r.trained == 0 else ""
         shape = "x".join(str(s) for s in r.shape)
