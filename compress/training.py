@@ -1,9 +1,13 @@
 """Training under a Plan: pruned entries stay exactly zero, frozen entries stay bit-identical to init.
 
 The constraint is kept without hooks or extra parameters: before each optimizer step the gradient of
-every masked parameter (with its L2 weight decay folded in) is multiplied by the mask, so momentum and
-Adam moments of untrained entries stay zero; after the step the parameter is projected back onto the
-plan (``p = p * m`` or ``p = p * m + theta0 * (1 - m)``). The model itself stays a plain module.
+every masked parameter (with its L2 weight decay folded in) is set to exactly zero where the mask is
+unset, so the momentum and Adam moments of untrained entries stay zero and their update is exactly
+zero: ``p - lr * 0 == p`` bit for bit, with SGD (momentum, Nesterov) and Adam alike. That costs one
+pass over each masked tensor per step (``torch.nn.utils.prune`` pays a masked copy in every forward
+and its backward). The parameters are also projected onto the plan (zero, or the seeded initial
+value) before training and after every epoch, a safety net that the tests show never changes a bit.
+The model itself stays a plain module.
 """
 from __future__ import annotations
 
@@ -87,31 +91,32 @@ class MaskConstraint:
         self._entries = []
         for name in self.names:
             param = named[name]
-            keep = plan.masks[name].to(param.device, param.dtype)
+            untrained = ~plan.masks[name].to(param.device, torch.bool)
             frozen = None
             if self.mode == "freeze":
                 if initial is None or name not in initial:
                     raise ValueError(f"freeze mode needs the initial value of {name}")
-                frozen = initial[name].to(param.device, param.dtype) * (1 - keep)
-            self._entries.append((param, keep, frozen))
+                frozen = initial[name].to(param.device, param.dtype)
+            self._entries.append((param, untrained, frozen))
 
     @torch.no_grad()
     def project(self) -> None:
-        """Put every masked parameter back on the plan (zero or initial value where not trained)."""
-        for param, keep, frozen in self._entries:
-            param.mul_(keep)
-            if frozen is not None:
-                param.add_(frozen)
+        """Put every masked parameter on the plan: zero (prune) or the initial value (freeze) where untrained."""
+        for param, untrained, frozen in self._entries:
+            if frozen is None:
+                param.masked_fill_(untrained, 0.0)
+            else:
+                param.copy_(torch.where(untrained, frozen, param))
 
     @torch.no_grad()
     def mask_gradients(self, weight_decay: float) -> None:
-        """grad <- (grad + weight_decay * p) * mask for masked parameters: untrained entries get no update."""
-        for param, keep, _ in self._entries:
+        """grad <- grad + weight_decay * p, then exactly 0 where untrained: untrained entries get no update."""
+        for param, untrained, _ in self._entries:
             if param.grad is None:
                 continue
             if weight_decay:
                 param.grad.add_(param, alpha=weight_decay)
-            param.grad.mul_(keep)
+            param.grad.masked_fill_(untrained, 0.0)
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings, masked: list[str]) -> torch.optim.Optimizer:
@@ -180,13 +185,12 @@ EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint: MaskConstraint,
                   inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float) -> torch.Tensor:
-    """One constrained step: forward, backward, mask the gradients, optimizer step, project; returns the loss."""
+    """One constrained step: forward, backward, mask the gradients, optimizer step; returns the loss."""
     loss = F.cross_entropy(model(inputs), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     constraint.mask_gradients(weight_decay)
     optimizer.step()
-    constraint.project()
     return loss
 
 
@@ -237,6 +241,7 @@ def train(
                     on_step_end(epoch * steps_per_epoch + step_in_epoch)
                 loss_sum += float(loss.detach()) * len(labels)
                 seen += len(labels)
+        constraint.project()
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": lr}
         test = evaluate(model, data.test, settings.batch_size, device)
         metrics.update(test_loss=test["loss"], test_acc=test["acc"])

@@ -6,8 +6,8 @@ Part 1 times one training step (forward + backward + optimizer step; SGD, moment
 
 * ``dense``       plain step, every weight trained;
 * ``prune``       ``compress.training.MaskConstraint`` in prune mode at density 0.05, the exact step of
-                  ``compress.training.train``: zero_grad, backward, ``mask_gradients(wd)``, ``step()``,
-                  ``project()``, with ``make_optimizer`` (masked parameters get their decay from the
+                  ``compress.training.train``: zero_grad, backward, ``mask_gradients(wd)``, ``step()``
+                  (``project()`` runs once per epoch), with ``make_optimizer`` (masked parameters get their decay from the
                   constraint);
 * ``freeze``      the same in freeze mode (untrained entries held at their seeded initial value);
 * ``torch-prune`` ``torch.nn.utils.prune.custom_from_mask`` with the same masks on every masked
@@ -17,7 +17,7 @@ The variants are interleaved round-robin (the order rotated every repeat) so tha
 shared machine hits all of them alike; each repeat gives one ratio per variant (median step time of
 the variant in that repeat / median of dense in that repeat) and the table reports the median of
 those ratios with their interquartile range (and the fastest step, the least noise-affected
-estimate). A per-phase breakdown (forward, backward, mask_gradients, step, project) follows, and then
+estimate). A per-phase breakdown (forward, backward, mask_gradients, step) follows, and then
 the cost each variant adds to a dense step timed in isolation (only the work that differs from dense,
 repeated many times): on a shared machine a whole step varies by several percent, more than the
 masking costs, so only the isolated numbers can rank variants that differ by a fraction of a percent.
@@ -76,19 +76,50 @@ DENSITY = 0.05
 MAX_RATIO = 1.05
 VARIANTS = ("dense", "prune", "freeze", "torch-prune")
 
-# Per model: (max repeats, steps per variant per repeat, warm-up steps per variant, time budget in s).
-# One repeat = one round over the four variants; repeats stop early once the budget is spent (but
-# never before MIN_REPEATS), so a loaded machine makes the run less precise rather than much longer.
-SCHEDULE = {
-    "quick": {"lenet5": (40, 1, 3, 10.0), "resnet20": (12, 1, 2, 25.0)},
-    "full": {"lenet5": (100, 2, 5, 60.0), "resnet20": (80, 1, 3, 180.0)},
+MIN_REPEATS = 5  # interleaved repeats of the step timing, whatever the budget
+MIN_ISOLATED_REPS = 20
+
+
+@dataclass(frozen=True)
+class Level:
+    """How much to time. Every loop also stops once its time budget is spent (after a minimum), so a
+    busy machine makes the run less precise rather than much longer; on an idle 2-core machine the
+    quick level takes about a minute and the full one about four."""
+
+    # per model: (max repeats, steps per variant per repeat, warm-up steps per variant, budget in s);
+    # one repeat = one round over the four variants, the order rotated every repeat
+    schedule: dict[str, tuple[int, int, int, float]]
+    breakdown_steps: int  # instrumented steps per variant for the per-phase table
+    breakdown_budget_s: float  # (at least 2 rounds)
+    isolated_reps: int  # repeats of the isolated added-cost timing (each well under 2 ms when idle)
+    isolated_budget_s: float  # (at least MIN_ISOLATED_REPS)
+    score_repeats: int  # timed runs per score (median)
+    score_budget_s: float  # no further timed run of a score once its runs took this long
+    scores_deadline_s: float  # no further score is started once the whole run has taken this long
+
+
+LEVELS = {
+    "quick": Level(
+        schedule={"lenet5": (40, 1, 3, 10.0), "resnet20": (12, 1, 2, 25.0)},
+        breakdown_steps=3,
+        breakdown_budget_s=8.0,
+        isolated_reps=100,
+        isolated_budget_s=5.0,
+        score_repeats=1,
+        score_budget_s=10.0,
+        scores_deadline_s=80.0,
+    ),
+    "full": Level(
+        schedule={"lenet5": (100, 2, 5, 45.0), "resnet20": (80, 1, 3, 120.0)},
+        breakdown_steps=10,
+        breakdown_budget_s=20.0,
+        isolated_reps=200,
+        isolated_budget_s=15.0,
+        score_repeats=3,
+        score_budget_s=20.0,
+        scores_deadline_s=420.0,
+    ),
 }
-MIN_REPEATS = 5
-BREAKDOWN_STEPS = {"quick": 3, "full": 10}
-BREAKDOWN_BUDGET_S = 20.0  # no further instrumented round once this is spent (at least 2 rounds)
-ISOLATED_REPS = 100  # repeats of the isolated overhead timing (each well under a millisecond or two)
-SCORE_REPEATS = {"quick": 1, "full": 3}
-SCORE_BUDGET_S = 20.0  # no further timed run of a score once its runs took this long
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -212,16 +243,13 @@ class Variant:
         t3 = tick()
         self.optimizer.step()
         t4 = tick()
-        if self.constraint is not None:
-            self.constraint.project()
-        t5 = tick()
+        t5 = tick()  # compress.training.train projects once per epoch, not per step
         if clock is not None:
             for key, value in (
                 ("forward", t1 - t0),
                 ("backward", t2 - t1),
                 ("mask_gradients", t3 - t2),
                 ("optimizer.step", t4 - t3),
-                ("project", t5 - t4),
                 ("total", t5 - t0),
             ):
                 clock[key] = clock.get(key, 0.0) + value
@@ -275,7 +303,9 @@ def _pruned_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
     ]
 
 
-def isolated_overhead(variants: list[Variant], inputs, labels, reps: int) -> dict[str, float]:
+def isolated_overhead(
+    variants: list[Variant], inputs, labels, reps: int, budget_s: float
+) -> tuple[dict[str, float], int]:
     """Median ms per step that each variant adds to a dense step, timed in isolation (many repeats).
 
     A whole step varies by several percent on a shared machine, far more than the masking costs, so
@@ -283,7 +313,7 @@ def isolated_overhead(variants: list[Variant], inputs, labels, reps: int) -> dic
     only the parts that differ from dense are timed, from one set of gradients:
 
     * dense: ``optimizer.step()`` (the reference);
-    * prune / freeze: ``mask_gradients(wd)`` + ``optimizer.step()`` + ``project()``;
+    * prune / freeze: ``mask_gradients(wd)`` + ``optimizer.step()`` (the projection runs once per epoch);
     * torch-prune: ``optimizer.step()`` + the pruning pre-hooks (``weight = weight_orig * mask``)
       + the backward of that product (as its own ``autograd.backward`` call, which adds the launch of
       one small graph, a few tens of microseconds, that a real step shares with the model's backward).
@@ -313,28 +343,31 @@ def isolated_overhead(variants: list[Variant], inputs, labels, reps: int) -> dic
             if variant.constraint is not None:
                 variant.constraint.mask_gradients(variant.weight_decay)
             variant.optimizer.step()
-            if variant.constraint is not None:
-                variant.constraint.project()
 
         return run
 
     parts = {v.name: [tail(v)] for v in variants}
     parts["torch-prune"].append(hooks_and_backward)
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    deadline = time.perf_counter() + budget_s
     with no_gc():
-        for _ in range(reps + 2):  # the first two rounds warm up
+        for index in range(reps + 2):  # the first two rounds warm up
+            if index >= MIN_ISOLATED_REPS + 2 and time.perf_counter() > deadline:
+                break
             for variant in variants:
                 started = time.perf_counter()
                 for part in parts[variant.name]:
                     part()
                 samples[variant.name].append(time.perf_counter() - started)
     dense = statistics.median(samples["dense"][2:])
-    return {name: statistics.median(values[2:]) - dense for name, values in samples.items()}
+    added = {name: statistics.median(values[2:]) - dense for name, values in samples.items()}
+    return added, len(samples["dense"]) - 2
 
 
 
-def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], breakdown_steps: int) -> dict:
-    max_repeats, per_block, warmup, budget = schedule
+def bench_steps(name: str, seed: int, level: Level) -> dict:
+    max_repeats, per_block, warmup, budget = level.schedule[name]
+    breakdown_steps = level.breakdown_steps
     shape = MODELS[name]
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn((BATCH, *shape), generator=generator)
@@ -376,7 +409,7 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
     breakdown: dict[str, dict[str, float]] = {}
     if breakdown_steps:
         clocks = {v.name: {} for v in variants}
-        deadline = time.perf_counter() + BREAKDOWN_BUDGET_S
+        deadline = time.perf_counter() + level.breakdown_budget_s
         done = 0
         for index in range(breakdown_steps):
             if index >= 2 and time.perf_counter() > deadline:
@@ -387,7 +420,9 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
             done += 1
         breakdown = {k: {p: s / done for p, s in c.items()} for k, c in clocks.items()}
         breakdown_steps = done
-    overhead = isolated_overhead(variants, inputs, labels, ISOLATED_REPS)
+    overhead, isolated_reps = isolated_overhead(
+        variants, inputs, labels, level.isolated_reps, level.isolated_budget_s
+    )
 
     nonfinite = [v.name for v in variants if not torch.isfinite(torch.tensor(v.last_loss))]
     return {
@@ -396,6 +431,7 @@ def bench_steps(name: str, seed: int, schedule: tuple[int, int, int, float], bre
         "vs_torch": vs_torch,
         "breakdown": breakdown,
         "overhead": overhead,
+        "isolated_reps": isolated_reps,
         "nonfinite": nonfinite,
         "repeats": repeats,
         "per_block": per_block,
@@ -458,23 +494,23 @@ def report_steps(name: str, result: dict) -> tuple[list[tuple[str, bool]], list[
     breakdown = result["breakdown"]
     if breakdown:
         print(f"  per-phase mean ms over {result['breakdown_steps']} instrumented steps per variant:")
-        phases = ("forward", "backward", "mask_gradients", "optimizer.step", "project", "total")
+        phases = ("forward", "backward", "mask_gradients", "optimizer.step", "total")
         print("  " + f"{'variant':<12}" + "".join(f"{p:>16}" for p in phases))
         for variant in VARIANTS:
             row = breakdown[variant]
             print("  " + f"{variant:<12}" + "".join(f"{row.get(p, 0.0) * 1e3:>16.3f}" for p in phases))
         for variant in ("prune", "freeze"):
             row = breakdown[variant]
-            extra = row["mask_gradients"] + row["project"]
+            extra = row["mask_gradients"]
             print(
-                f"  {variant}: mask_gradients + project = {extra * 1e3:.3f} ms "
+                f"  {variant}: mask_gradients = {extra * 1e3:.3f} ms "
                 f"= {100 * extra / breakdown['dense']['total']:.2f}% of a dense step"
             )
 
     overhead = result["overhead"]
     dense_ms = statistics.median(times["dense"]) * 1e3
     print(
-        f"  isolated cost added to a dense step (median of {ISOLATED_REPS} repeats of only the differing "
+        f"  isolated cost added to a dense step (median of {result['isolated_reps']} repeats of only the differing "
         "work; see isolated_overhead):"
     )
     for variant in ("prune", "freeze", "torch-prune"):
@@ -505,7 +541,8 @@ def report_steps(name: str, result: dict) -> tuple[list[tuple[str, bool]], list[
 # ----------------------------------------------------------------------------------- part 2: scores
 
 
-def bench_scores(name: str, seed: int, repeats: int, dense_step_s: float) -> None:
+def bench_scores(name: str, seed: int, level: Level, dense_step_s: float, run_started: float) -> None:
+    repeats = level.score_repeats
     shape = MODELS[name]
     generator = torch.Generator().manual_seed(seed + 1)
     batches = [
@@ -522,11 +559,15 @@ def bench_scores(name: str, seed: int, repeats: int, dense_step_s: float) -> Non
     print(f"  {'score':<10} {'ms':>10} {'ratio to one step':>18}")
     load = OtherLoad()
     for score_name in SCORES.names():
+        elapsed = time.perf_counter() - run_started
+        if elapsed > level.scores_deadline_s:
+            print(f"  {score_name:<10} skipped: the run has taken {elapsed:.0f} s (> {level.scores_deadline_s:.0f} s)")
+            continue
         if score_name != "synflow":
             score(model, score_name, batches, density=DENSITY, seed=seed)  # warm-up
         runs = []
         for _ in range(repeats):
-            if sum(runs) > SCORE_BUDGET_S:
+            if sum(runs) > level.score_budget_s:
                 break
             with no_gc():
                 started = time.perf_counter()
@@ -556,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-scores", action="store_true", help="skip part 2 (score timings)")
     args = parser.parse_args(argv)
-    level = "quick" if args.quick else "full"
+    level_name = "quick" if args.quick else "full"
+    level = LEVELS[level_name]
 
     started = time.perf_counter()
     whole_run = OtherLoad()
@@ -572,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"load average (1, 5, 15 min) at start: {load_average()}")
     print(
-        f"mode: {level}; SGD momentum 0.9, weight decay 5e-4, batch {BATCH}, density {DENSITY}, "
+        f"mode: {level_name}; SGD momentum 0.9, weight decay 5e-4, batch {BATCH}, density {DENSITY}, "
         f"random scores, seed {args.seed}; targets: prune/freeze <= {MAX_RATIO:.2f}x dense and "
         "faster than torch.nn.utils.prune"
     )
@@ -581,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     isolated_checks: list[tuple[str, bool]] = []
     dense_step: dict[str, float] = {}
     for name in args.models:
-        result = bench_steps(name, args.seed, SCHEDULE[level][name], BREAKDOWN_STEPS[level])
+        result = bench_steps(name, args.seed, level)
         end_to_end, isolated = report_steps(name, result)
         checks += end_to_end
         isolated_checks += isolated
@@ -590,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_scores:
         for name in args.models:
-            bench_scores(name, args.seed, SCORE_REPEATS[level], dense_step[name])
+            bench_scores(name, args.seed, level, dense_step[name], started)
 
     print()
     for title, group in (("end-to-end step ratios", checks), ("isolated added cost", isolated_checks)):
