@@ -118,7 +118,7 @@ def test_config_files_in_yaml_and_toml_with_command_line_overrides(tmp_path, cap
         (["--density", "0.1", "--sparsity", "0.9"], "not both"),
         ([], "--density D or --sparsity S"),
         (["--density", "0.1", "--model", "lenet6"], "unknown model 'lenet6'; known: lenet300, lenet5"),
-        (["--density", "0.1", "--method", "snap"], "unknown method 'snap'; known: dense, freezenet"),
+        (["--density", "0.1", "--method", "snap"], "unknown method 'snap'; known: cops, dense, freezenet"),
         (["--density", "0.1", "--data", "imagenet"], "unknown data set"),
         (["--density", "0.1", "--data-root", "/nonexistent/data"], "data root /nonexistent/data does not exist"),
         (["--density", "abc"], "'abc' is not a valid float"),

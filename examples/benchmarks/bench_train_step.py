@@ -4,14 +4,16 @@
 Part 1 times one training step (forward + backward + optimizer step; SGD, momentum 0.9, weight decay
 5e-4, batch 128, random inputs) of ``lenet5`` and ``resnet20`` in four variants:
 
-* ``dense``       plain step, every weight trained;
-* ``prune``       ``compress.training.MaskConstraint`` in prune mode at density 0.05, the exact step of
-                  ``compress.training.train``: zero_grad, backward, ``mask_gradients(wd)``, ``step()``
-                  (``project()`` runs once per epoch), with ``make_optimizer`` (masked parameters get their decay from the
-                  constraint);
+* ``dense``       plain step, every weight trained (``training_step`` with an empty constraint);
+* ``prune``       ``compress.training.MaskConstraint`` in prune mode at density 0.05, stepped by
+                  ``compress.training.training_step``, the step of ``compress.training.train``
+                  (forward, zero_grad, backward, ``mask_gradients(wd)``, ``optimizer.step()``; train
+                  projects once before training and after every epoch, not per step), with
+                  ``make_optimizer`` (masked parameters get their decay from the constraint);
 * ``freeze``      the same in freeze mode (untrained entries held at their seeded initial value);
 * ``torch-prune`` ``torch.nn.utils.prune.custom_from_mask`` with the same masks on every masked
-                  module (``weight_orig`` + forward pre-hook), weight decay in the optimizer.
+                  module (``weight_orig`` + forward pre-hook), weight decay in the optimizer (stepped
+                  by ``training_step`` with an empty constraint).
 
 The variants are interleaved round-robin (the order rotated every repeat) so that the noise of a
 shared machine hits all of them alike; each repeat gives one ratio per variant (median step time of
@@ -66,7 +68,7 @@ from compress.init import initial_values, initialise  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.scores import SCORES, score  # noqa: E402
 from compress.selection import Plan, select  # noqa: E402
-from compress.training import MaskConstraint, TrainSettings, make_optimizer  # noqa: E402
+from compress.training import MaskConstraint, TrainSettings, make_optimizer, training_step  # noqa: E402
 
 MODELS = {"lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 NUM_CLASSES = 10
@@ -225,12 +227,20 @@ class Variant:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    constraint: MaskConstraint | None
+    constraint: MaskConstraint  # MaskConstraint(model, None) for dense and torch-prune: a no-op
     weight_decay: float
     last_loss: float = float("nan")
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, clock: dict[str, float] | None = None) -> None:
-        """One training step; with ``clock``, the time of each phase is added to it (in seconds)."""
+        """One training step, ``compress.training.training_step`` itself (what ``train`` runs per batch).
+
+        With ``clock``, the same operations are spelled out and the time of each phase is added to it
+        (in seconds), for the per-phase breakdown.
+        """
+        if clock is None:
+            loss = training_step(self.model, self.optimizer, self.constraint, inputs, labels, self.weight_decay)
+            self.last_loss = float(loss.detach())
+            return
         tick = time.perf_counter
         t0 = tick()
         loss = F.cross_entropy(self.model(inputs), labels)
@@ -238,21 +248,18 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t2 = tick()
-        if self.constraint is not None:
-            self.constraint.mask_gradients(self.weight_decay)
+        self.constraint.mask_gradients(self.weight_decay)
         t3 = tick()
         self.optimizer.step()
         t4 = tick()
-        t5 = tick()  # compress.training.train projects once per epoch, not per step
-        if clock is not None:
-            for key, value in (
-                ("forward", t1 - t0),
-                ("backward", t2 - t1),
-                ("mask_gradients", t3 - t2),
-                ("optimizer.step", t4 - t3),
-                ("total", t5 - t0),
-            ):
-                clock[key] = clock.get(key, 0.0) + value
+        for key, value in (
+            ("forward", t1 - t0),
+            ("backward", t2 - t1),
+            ("mask_gradients", t3 - t2),
+            ("optimizer.step", t4 - t3),
+            ("total", t4 - t0),
+        ):
+            clock[key] = clock.get(key, 0.0) + value
         self.last_loss = float(loss.detach())
 
 
@@ -267,7 +274,7 @@ def build_variants(name: str, seed: int) -> list[Variant]:
     variants = []
 
     model = fresh_model(name, seed)
-    variants.append(Variant("dense", model, make_optimizer(model, settings, []), None, wd))
+    variants.append(Variant("dense", model, make_optimizer(model, settings, []), MaskConstraint(model, None), wd))
 
     for mode in ("prune", "freeze"):
         model = fresh_model(name, seed)
@@ -287,7 +294,7 @@ def build_variants(name: str, seed: int) -> list[Variant]:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
-    variants.append(Variant("torch-prune", model, optimizer, None, wd))
+    variants.append(Variant("torch-prune", model, optimizer, MaskConstraint(model, None), wd))
     return variants
 
 
@@ -313,7 +320,7 @@ def isolated_overhead(
     only the parts that differ from dense are timed, from one set of gradients:
 
     * dense: ``optimizer.step()`` (the reference);
-    * prune / freeze: ``mask_gradients(wd)`` + ``optimizer.step()`` (the projection runs once per epoch);
+    * prune / freeze: ``mask_gradients(wd)`` + ``optimizer.step()`` (train projects once per epoch);
     * torch-prune: ``optimizer.step()`` + the pruning pre-hooks (``weight = weight_orig * mask``)
       + the backward of that product (as its own ``autograd.backward`` call, which adds the launch of
       one small graph, a few tens of microseconds, that a real step shares with the model's backward).
@@ -340,8 +347,7 @@ def isolated_overhead(
 
     def tail(variant: Variant) -> Callable[[], None]:
         def run():
-            if variant.constraint is not None:
-                variant.constraint.mask_gradients(variant.weight_decay)
+            variant.constraint.mask_gradients(variant.weight_decay)  # a no-op for dense and torch-prune
             variant.optimizer.step()
 
         return run
