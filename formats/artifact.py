@@ -6,6 +6,7 @@ the full state dict (frozen entries from the seed, each rebuilt tensor checked a
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,6 @@ def write_artifact(
     ``init_rules`` gives, for every masked tensor in freeze mode, the rule that regenerates it
     (``{"kind": "uniform", "bound": b}``). Deterministic: the same inputs give the same bytes.
     """
-    import json
-
     if values not in VALUE_DTYPES:
         raise ValueError(f"unknown values dtype {values!r}; known: {', '.join(VALUE_DTYPES)}")
     if mode not in MODES:

@@ -101,12 +101,11 @@ def test_resuming_from_an_epoch_checkpoint_equals_uninterrupted_training(data):
             saved["optimizer"] = {k: v.clone() for k, v in optimizer_state_tensors(optimizer, interrupted).items()}
 
     interrupted, plan2, initial2 = planned_model("freeze")
-    short = copy.copy(settings)
     train(interrupted, data, settings, MaskConstraint(interrupted, plan2, initial2), seed=1, device=CPU,
           on_epoch_end=keep, progress=False)
     resumed, plan3, initial3 = planned_model("freeze")
     resumed.load_state_dict(saved["model"])
-    train(resumed, data, short, MaskConstraint(resumed, plan3, initial3), seed=1, device=CPU,
+    train(resumed, data, settings, MaskConstraint(resumed, plan3, initial3), seed=1, device=CPU,
           start_epoch=1, optimizer_state=saved["optimizer"], progress=False)
     for key, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
