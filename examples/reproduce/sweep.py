@@ -3,6 +3,7 @@
     python examples/reproduce/sweep.py --quick            # a small slice, under 10 minutes on 2 cores
     python examples/reproduce/sweep.py                    # the full sweep (hours; resumable)
     python examples/reproduce/sweep.py --part lenet       # only the LeNet part (or --part resnet)
+    python examples/reproduce/sweep.py --part lenet --models lenet300   # one model of a part
 
 Part "lenet": LeNet-300-100 and LeNet-5-Caffe, dense and at densities 10%, 5%, 2%, 1%, 0.64% (157x),
 0.3%, 0.1% with SNIP (prune), FreezeNet (SNIP score, freeze), random (freeze), GraSP, SynFlow and COPS
@@ -182,6 +183,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, two densities, 1 epoch, subsets (< 10 min)")
     parser.add_argument("--out", default=None, help="output directory [runs/reproduce or runs/reproduce-quick]")
     parser.add_argument("--part", choices=["lenet", "resnet", "all"], default="all")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of the part's models, e.g. lenet300 (run the sweep in pieces)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting [3; 1 with --quick]")
     parser.add_argument("--lenet-epochs", type=int, default=None, help="epochs for the LeNets [10; 1 with --quick]")
     parser.add_argument("--resnet-epochs", type=int, default=None, help="epochs for resnet20 [10; 1 with --quick]")
@@ -194,6 +197,11 @@ def main() -> None:
     parts = ["lenet", "resnet"] if args.part == "all" else [args.part]
     runs = plan_runs(quick, parts, args.seeds or (1 if quick else 3), args.lenet_epochs or (1 if quick else 10),
                      args.resnet_epochs or (1 if quick else 10), args.resnet_subset or (2000 if quick else 10_000))
+    if args.models:
+        wanted = {name.strip() for name in args.models.split(",")}
+        runs = [run for run in runs if run.model in wanted]
+        if not runs:
+            sys.exit(f"no run of the chosen part uses the models {sorted(wanted)}")
     started = time.perf_counter()
     rows = []
     for index, run in enumerate(runs, 1):
