@@ -88,6 +88,8 @@ def training_options(function):
         click.option("--milestones", callback=_parse_milestones, help="Comma-separated decay epochs for --schedule multistep, e.g. 30,60."),
         click.option("--lr-decay", type=float, help="Decay factor of step/multistep schedules [default: 0.1]."),
         click.option("--weight-decay", type=float, help="L2 weight decay; never touches pruned or frozen entries [default: 5e-4]."),
+        click.option("--eval-every", type=int, help="Evaluate on the test set every N epochs; the last epoch is "
+                                                     "always evaluated. Saves time on large test sets [default: 1]."),
     ]
     for option in reversed(options):
         function = option(function)

@@ -64,6 +64,7 @@ class RunConfig:
     milestones: list[int] | None = None
     lr_decay: float | None = None
     weight_decay: float | None = None
+    eval_every: int | None = None
     extras: dict = field(default_factory=dict)
 
     def resolved(self) -> "RunConfig":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.config import RunConfig
+from compress.config import RunConfig, config_from_dict
 from compress.cops import cops_masks
 from compress.data import Data, load_data
 from compress.init import initial_values, initialise
@@ -246,7 +246,7 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, pr
     if out.exists() and any(out.iterdir()) and not overwrite:
         existing = out / CONFIG_FILE
         if (out / SUMMARY_FILE).is_file() and existing.is_file():
-            if json.loads(existing.read_text()) == _jsonable(resolved.to_dict()):
+            if same_config(json.loads(existing.read_text()), resolved):
                 log(f"{out} already holds this finished run; nothing to do")
                 return json.loads((out / SUMMARY_FILE).read_text())
             raise ValueError(f"{out} holds a finished run with a different config; choose another --out or pass --overwrite")
@@ -266,6 +266,15 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, pr
     return _train_prepared(prepared, out, start_epoch=0, optimizer_state=None, progress=progress)
 
 
+def same_config(stored: dict, resolved: RunConfig) -> bool:
+    """Whether a stored config.json describes ``resolved``; keys added since it was written take defaults."""
+    try:
+        stored_resolved = config_from_dict(stored).resolved()
+    except (ValueError, TypeError):
+        return False
+    return _jsonable(stored_resolved.to_dict()) == _jsonable(resolved.to_dict())
+
+
 def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
     """Continue an interrupted run from its last finished epoch; ends with the uninterrupted weights."""
     run_dir = Path(run_dir)
@@ -274,8 +283,6 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
     if (run_dir / SUMMARY_FILE).is_file():
         log(f"{run_dir} is already finished; nothing to resume")
         return json.loads((run_dir / SUMMARY_FILE).read_text())
-    from compress.config import config_from_dict
-
     config = config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()), source=str(run_dir / CONFIG_FILE))
     prepared = prepare(config, quiet=True)
     if prepared.plan is not None:
@@ -320,8 +327,9 @@ def _train_prepared(prepared: Prepared, out: Path, *, start_epoch, optimizer_sta
         with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics, sort_keys=True) + "\n")
         val = f"  val acc {metrics['val_acc']:.2%}" if "val_acc" in metrics else ""
-        log(f"epoch {metrics['epoch']}/{config.epochs}: train loss {metrics['train_loss']:.4f}  "
-            f"test acc {metrics['test_acc']:.2%}{val}  ({metrics['seconds']:.1f} s)")
+        test = f"  test acc {metrics['test_acc']:.2%}" if "test_acc" in metrics else ""
+        log(f"epoch {metrics['epoch']}/{config.epochs}: train loss {metrics['train_loss']:.4f}{test}{val}  "
+            f"({metrics['seconds']:.1f} s)")
 
     settings = config.train_settings()
     train(model, prepared.data, settings, constraint, seed=config.seed, device=prepared.device,
@@ -371,6 +379,7 @@ def make_summary(prepared: Prepared, out: Path, seconds: float) -> dict:
         "train_loss": last.get("train_loss"),
         "score_seconds": round(prepared.score_seconds, 3),
         "train_seconds": round(seconds, 3),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     if plan is None:

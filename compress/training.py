@@ -44,9 +44,11 @@ class TrainSettings:
     milestones: list[int] = field(default_factory=list)  # epochs of decay for "multistep"
     lr_decay: float = 0.1  # factor at each decay of "step" / "multistep"
     weight_decay: float = 5e-4
+    eval_every: int = 1  # epochs between test-set evaluations; the last epoch is always evaluated
 
     def validate(self) -> "TrainSettings":
-        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "step_size": self.step_size}
+        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "step_size": self.step_size,
+                         "eval_every": self.eval_every}
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -67,6 +69,10 @@ class TrainSettings:
         if any(not isinstance(m, int) or m < 1 for m in self.milestones):
             raise ValueError(f"milestones must be positive epoch numbers, got {self.milestones!r}")
         return self
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the test set is evaluated after (0-based) ``epoch``: every ``eval_every``-th and the last."""
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         """Learning rate of global step ``step`` (0-based)."""
@@ -243,8 +249,9 @@ def train(
                 seen += len(labels)
         constraint.project()
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": lr}
-        test = evaluate(model, data.test, settings.batch_size, device)
-        metrics.update(test_loss=test["loss"], test_acc=test["acc"])
+        if settings.evaluates_after(epoch):
+            test = evaluate(model, data.test, settings.batch_size, device)
+            metrics.update(test_loss=test["loss"], test_acc=test["acc"])
         if data.val is not None:
             val = evaluate(model, data.val, settings.batch_size, device)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])

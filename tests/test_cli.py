@@ -61,6 +61,19 @@ def test_rerunning_a_finished_run_skips_it_and_a_different_config_is_refused(tmp
     assert run_cli(["train", *QUICK, "--density", "0.2", "--out", str(out), "--overwrite"], capsys)[0] == 0
 
 
+def test_a_finished_run_written_before_a_config_key_existed_is_still_recognised(tmp_path, capsys):
+    out = tmp_path / "old"
+    args = ["train", *QUICK, "--density", "0.1", "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    stored = json.loads((out / "config.json").read_text())
+    del stored["eval_every"]  # as written by a version without --eval-every
+    (out / "config.json").write_text(json.dumps(stored))
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "nothing to do" in err
+    code, _, err = run_cli([*args, "--eval-every", "2"], capsys)
+    assert code == 2 and "different config" in err
+
+
 def test_resume_after_interruption_ends_with_the_uninterrupted_weights(tmp_path, capsys, monkeypatch):
     args = ["--model", "lenet300", "--data", "synthetic", "--subset", "256", "--epochs", "3", "--batch-size", "64",
             "--quiet", "--method", "freezenet", "--density", "0.1"]

@@ -137,8 +137,17 @@ def test_learning_rate_schedules(settings, expected):
         ({"schedule": "poly"}, "unknown schedule"),
         ({"weight_decay": 2.0}, "weight-decay must be in"),
         ({"optimizer": "adam", "nesterov": True}, "nesterov needs"),
+        ({"eval_every": 0}, "eval-every must be a positive integer"),
     ],
 )
 def test_bad_settings_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         TrainSettings(**change).validate()
+
+
+def test_eval_every_evaluates_every_nth_and_always_the_last_epoch(data):
+    model, plan, initial = planned_model("prune")
+    settings = TrainSettings(epochs=5, batch_size=128, eval_every=2)
+    history = train(model, data, settings, MaskConstraint(model, plan, initial), seed=0, device=CPU, progress=False)
+    assert [("test_acc" in m) for m in history] == [False, True, False, True, True]
+    assert all("train_loss" in m for m in history)

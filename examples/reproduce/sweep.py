@@ -1,38 +1,46 @@
 """Reproduce the papers' comparisons on real Fashion-MNIST: train, pack and tabulate every run.
 
     python examples/reproduce/sweep.py --quick            # a small slice, under 10 minutes on 2 cores
-    python examples/reproduce/sweep.py                    # the full sweep (hours; resumable)
+    python examples/reproduce/sweep.py                    # the full sweep (hours; resumable, in parts)
     python examples/reproduce/sweep.py --part lenet       # only the LeNet part (or --part resnet)
     python examples/reproduce/sweep.py --part lenet --models lenet300   # one model of a part
+    python examples/reproduce/sweep.py --dry-run          # what is left to run and how long it should take
+    python examples/reproduce/sweep.py --report           # redraw tables and plots from the record only
 
 Part "lenet": LeNet-300-100 and LeNet-5-Caffe, dense and at densities 10%, 5%, 2%, 1%, 0.64% (157x),
 0.3%, 0.1% with SNIP (prune), FreezeNet (SNIP score, freeze), random (freeze), GraSP, SynFlow and COPS
-(snip+grasp, gamma 0.5), 3 seeds each, on the full 60k training set.
-Part "resnet": resnet20 on a training subset of Fashion-MNIST, standard against interspace pruning
-for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%, 3 seeds.
+(snip+grasp, gamma 0.5), 3 seeds each, 10 epochs on the full 60k training set.
+Part "resnet": resnet20 on the first 5,000 images of the Fashion-MNIST training set (test: all 10k),
+dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
+3 seeds, 10 epochs, tested after the last epoch only (--eval-every 10, the test pass would cost a third
+of the time).
 
 Every method uses the same hyperparameters (the model's defaults of `compress train`: SGD, momentum
 0.9, cosine schedule, batch 128, weight decay 5e-4 (1e-4 for resnet20), lr 0.05 for LeNets and 0.1
-for resnet20) and the same epochs. Every run is packed (fp16 values). Finished runs and artifacts are
-skipped, so an interrupted sweep continues where it stopped. Results: `results.csv` (one row per run),
-`results.md` (mean and standard deviation over seeds) and PNG plots in the output directory.
+for resnet20) and the same epochs. Every run is packed (fp16 values).
+
+Every finished run is one row of the record (`runs.csv` in the results directory, for the full sweep
+docs/benchmarks/full/, which is committed): a run whose row is there with the same settings is not
+trained again, so the sweep can be completed in parts, on different machines. Run directories
+(checkpoints, artifacts) go to --out; an interrupted run resumes from its last epoch. The tables
+(`results.md`, `results.json`) and plots (PNG, one per model) are drawn from the whole record.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import formats
-from compress.config import build_config
-from compress.packing import pack_run
-from compress.run import train_run
 
 LENET_DENSITIES = [0.1, 0.05, 0.02, 0.01, 0.0064, 0.003, 0.001]
 RESNET_DENSITIES = [0.1, 0.05, 0.02]
@@ -45,6 +53,10 @@ LENET_METHODS = {
     "cops": {"method": "cops", "scores": "snip,grasp", "gamma": 0.5},
 }
 RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, "freezenet": {"method": "freezenet"}}
+FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 10, "resnet_subset": 5000}
+QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
+RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
+                 "total_params", "artifact_bytes", "dense_fp32_bytes", "seconds", "threads", "torch"]
 
 
 @dataclass
@@ -62,53 +74,183 @@ class Run:
     def path(self) -> str:
         return f"{self.part}/{self.model}/{self.method}/d{self.density:g}/s{self.seed}"
 
+    @property
+    def settings(self) -> str:
+        """The run's options as canonical JSON: a recorded row is reused only when these match."""
+        return json.dumps(self.options, sort_keys=True, separators=(",", ":"))
 
-def plan_runs(quick: bool, parts: list[str], seeds: int, lenet_epochs: int, resnet_epochs: int,
-              resnet_subset: int) -> list[Run]:
+
+def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int | None, resnet_epochs: int,
+              resnet_subset: int, lenet_densities=LENET_DENSITIES, resnet_densities=RESNET_DENSITIES) -> list[Run]:
+    """Every run of the chosen parts, seed by seed within a model, so a partial sweep holds whole seeds."""
     runs = []
     lenet_common = {"data": "fashion-mnist", "epochs": lenet_epochs}
-    resnet_common = {"data": "fashion-mnist", "epochs": resnet_epochs, "subset": resnet_subset}
-    if quick:
-        lenet_common["subset"] = 10_000
+    if lenet_subset:
+        lenet_common["subset"] = lenet_subset
+    resnet_common = {"data": "fashion-mnist", "epochs": resnet_epochs, "subset": resnet_subset,
+                     "eval_every": resnet_epochs}
     if "lenet" in parts:
-        densities = [0.05, 0.0064] if quick else LENET_DENSITIES
         for model in ("lenet300", "lenet5"):
             for seed in range(seeds):
                 runs.append(Run("lenet", model, "dense", 1.0, seed, {**lenet_common, "method": "dense"}))
                 for label, options in LENET_METHODS.items():
-                    for density in densities:
+                    for density in lenet_densities:
                         runs.append(Run("lenet", model, label, density, seed,
                                         {**lenet_common, **options, "density": density}))
     if "resnet" in parts:
-        densities = [0.05] if quick else RESNET_DENSITIES
         for seed in range(seeds):
+            runs.append(Run("resnet", "resnet20", "dense", 1.0, seed, {**resnet_common, "method": "dense"}))
             for label, options in RESNET_METHODS.items():
                 for interspace in (False, True):
-                    for density in densities:
+                    for density in resnet_densities:
                         name = f"{label}{'+ip' if interspace else ''}"
                         runs.append(Run("resnet", "resnet20", name, density, seed,
                                         {**resnet_common, **options, "density": density, "interspace": interspace}))
     return runs
 
 
-def execute(run: Run, root: Path) -> dict:
-    """Train (skipped when finished) and pack (skipped when packed); return the results row."""
+def read_record(path: Path) -> dict[str, dict]:
+    """The recorded rows by run path; a missing file is an empty record."""
+    if not path.is_file():
+        return {}
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(RECORD_FIELDS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path} is not a sweep record (no column {', '.join(sorted(missing))}); "
+                             "point --results at another directory or delete the file")
+        for row in reader:
+            row = {**row, "density": float(row["density"]), "seed": int(row["seed"]), "test_acc": float(row["test_acc"]),
+                   "seconds": float(row["seconds"]), "threads": int(row["threads"])}
+            for name in ("trained_params", "total_params", "artifact_bytes", "dense_fp32_bytes"):
+                row[name] = int(row[name])
+            rows[record_key(row)] = row
+    return rows
+
+
+def record_key(row: dict) -> str:
+    return f"{row['part']}/{row['model']}/{row['method']}/d{row['density']:g}/s{row['seed']}"
+
+
+def write_record(path: Path, rows: dict[str, dict]) -> None:
+    """Rewrite the record atomically (temporary file, then rename), rows in a stable order."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for key in sorted(rows):
+        writer.writerow({name: rows[key][name] for name in RECORD_FIELDS})
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def pending(runs: list[Run], record: dict[str, dict]) -> list[Run]:
+    """The runs without a recorded row of the same settings."""
+    return [run for run in runs if record.get(run.path, {}).get("settings") != run.settings]
+
+
+def execute(run: Run, root: Path, threads: int) -> dict:
+    """Train (resuming an interrupted run), pack and return the record row; the run's log goes to train.log."""
+    import torch
+
+    import formats
+    from compress.config import build_config
+    from compress.packing import pack_run
+    from compress.run import CONFIG_FILE, SUMMARY_FILE, resume_run, train_run
+
+    torch.set_num_threads(threads)
     out = root / run.path
-    overrides = {"model": run.model, "seed": run.seed, **run.options}
-    summary = train_run(build_config(None, overrides), out, progress=False)
-    artifact = out.with_suffix(".cpk")
-    if not artifact.is_file():
-        pack_run(out, artifact)
+    config = build_config(None, {"model": run.model, "seed": run.seed, **run.options})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "a", encoding="utf-8") as log, redirect_stderr(log):
+        if (out / CONFIG_FILE).is_file() and not (out / SUMMARY_FILE).is_file() and _same_run(out, config):
+            summary = resume_run(out, progress=False)
+        else:
+            stale = (out / SUMMARY_FILE).is_file() and not _same_run(out, config)
+            summary = train_run(config, out, overwrite=stale or not (out / SUMMARY_FILE).is_file(), progress=False)
+        artifact = out.with_suffix(".cpk")
+        if stale_artifact(artifact, out):
+            pack_run(out, artifact)
     totals = formats.read_info(artifact)["totals"]
     return {
         "part": run.part, "model": run.model, "method": run.method, "density": run.density, "seed": run.seed,
-        "test_acc": summary["test_acc"], "trained_params": summary["trained_params"],
+        "settings": run.settings, "test_acc": summary["test_acc"], "trained_params": summary["trained_params"],
         "total_params": summary["total_params"], "artifact_bytes": totals["file_bytes"],
-        "dense_fp32_bytes": totals["dense_fp32_bytes"], "train_seconds": summary["train_seconds"],
+        "dense_fp32_bytes": totals["dense_fp32_bytes"],
+        "seconds": round(summary["score_seconds"] + summary["train_seconds"], 1),
+        "threads": summary.get("threads", threads), "torch": summary["torch"],
     }
 
 
+def _same_run(out: Path, config) -> bool:
+    from compress.run import CONFIG_FILE, same_config
+
+    return same_config(json.loads((out / CONFIG_FILE).read_text()), config.resolved())
+
+
+def stale_artifact(artifact: Path, run_dir: Path) -> bool:
+    """Whether the artifact is missing or older than the run's trained weights."""
+    return not artifact.is_file() or artifact.stat().st_mtime < (run_dir / "model.safetensors").stat().st_mtime
+
+
+def estimate_seconds(runs: list[Run], record: dict[str, dict]) -> tuple[float, int]:
+    """Estimated compute seconds of ``runs`` from recorded runs of the same model and epochs, and how many had none."""
+    by_model: dict[tuple, list[float]] = {}
+    for row in record.values():
+        options = json.loads(row["settings"])
+        by_model.setdefault((row["model"], options.get("epochs"), options.get("subset")), []).append(row["seconds"])
+    total, unknown = 0.0, 0
+    for run in runs:
+        seen = by_model.get((run.model, run.options.get("epochs"), run.options.get("subset")))
+        if seen:
+            total += statistics.mean(seen)
+        else:
+            unknown += 1
+    return total, unknown
+
+
+def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: int | None = None) -> dict[str, dict]:
+    """Train and pack every pending run (``jobs`` at a time), recording each as it finishes; returns the record."""
+    results.mkdir(parents=True, exist_ok=True)
+    record_path = results / "runs.csv"
+    record = read_record(record_path)
+    todo = pending(runs, record)
+    threads = threads or max(1, _cores() // jobs)
+    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} recorded in {record_path}, {len(todo)} to run "
+          f"({jobs} at a time, {threads} thread(s) each); run logs in {root}", flush=True)
+    started = time.perf_counter()
+    done_seconds: list[float] = []
+
+    def note(row: dict) -> None:
+        record.update(read_record(record_path))  # keep rows another sweep process recorded meanwhile
+        record[record_key(row)] = row
+        write_record(record_path, record)
+        done_seconds.append(row["seconds"])
+        finished = len(done_seconds)
+        elapsed = time.perf_counter() - started
+        left = (len(todo) - finished) * statistics.mean(done_seconds) / jobs / 60
+        print(f"[{finished}/{len(todo)}] {record_key(row)}: test acc {row['test_acc']:.2%}, "
+              f"{row['artifact_bytes']:,} B, {row['seconds']:.0f} s ({elapsed / 60:.1f} min so far, "
+              f"about {left:.0f} min left)", flush=True)
+
+    if jobs == 1:
+        for run in todo:
+            note(execute(run, root, threads))
+    elif todo:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(execute, run, root, threads) for run in todo]
+            for future in as_completed(futures):
+                note(future.result())
+    return record
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation of test accuracy over seeds, per model, method and density."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["part"], row["model"], row["method"], row["density"]), []).append(row)
@@ -122,14 +264,33 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "trained_params": round(statistics.mean(m["trained_params"] for m in members)),
             "artifact_bytes": round(statistics.mean(m["artifact_bytes"] for m in members)),
             "dense_ratio": statistics.mean(m["dense_fp32_bytes"] / m["artifact_bytes"] for m in members),
+            "seconds": sum(m["seconds"] for m in members),
         })
     return sorted(table, key=lambda r: (r["part"], r["model"], r["method"], -r["density"]))
 
 
-def markdown(table: list[dict]) -> str:
+def describe_settings(rows: list[dict]) -> str:
+    """One line naming the training settings the rows were run with (all of them, if they differ)."""
+    seen = []
+    for row in rows:
+        options = json.loads(row["settings"])
+        text = (f"{options.get('epochs')} epochs on "
+                + (f"the first {options['subset']:,} training images" if options.get("subset") else "all 60,000 training images")
+                + (", tested after the last epoch only" if options.get("eval_every", 1) > 1 else ""))
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
+
+
+def markdown(table: list[dict], rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in table):
+        members = [r for r in rows if r["model"] == model]
+        hours = sum(r["seconds"] for r in members) / 3600
         lines += [f"\n### {model}\n",
+                  f"{len(members)} runs: {describe_settings(members)}; seeds "
+                  f"{', '.join(str(s) for s in sorted({r['seed'] for r in members}))}; "
+                  f"{hours:.1f} h of training and scoring in all.\n",
                   "| method | density | seeds | test acc (mean ± std) | trained params | artifact bytes | x smaller than dense fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in table if r["model"] == model):
@@ -140,11 +301,13 @@ def markdown(table: list[dict]) -> str:
 
 
 def plots(table: list[dict], root: Path) -> list[Path]:
+    """One PNG per model: accuracy against density and against artifact bytes, one line per method."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[reproduce]')", file=sys.stderr)
         return []
@@ -160,13 +323,14 @@ def plots(table: list[dict], root: Path) -> list[Path]:
                 continue
             accuracy = [100 * p["acc_mean"] for p in points]
             error = [100 * p["acc_std"] for p in points]
-            axes[0].errorbar([p["density"] for p in points], accuracy, yerr=error, marker="o", label=method, capsize=3)
-            axes[1].errorbar([p["artifact_bytes"] for p in points], accuracy, yerr=error, marker="o", label=method,
-                             capsize=3)
+            style = {"marker": "o", "capsize": 3, "linestyle": "--" if method.endswith("+ip") else "-"}
+            axes[0].errorbar([p["density"] for p in points], accuracy, yerr=error, label=method, **style)
+            axes[1].errorbar([p["artifact_bytes"] for p in points], accuracy, yerr=error, label=method, **style)
         axes[0].set(xscale="log", xlabel="density (fraction of weights trained)", ylabel="test accuracy (%)",
                     title=f"{model}: accuracy against density")
         axes[1].set(xscale="log", xlabel="artifact bytes (fp16 values)", ylabel="test accuracy (%)",
                     title=f"{model}: accuracy against storage")
+        axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         for axis in axes:
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
@@ -178,53 +342,81 @@ def plots(table: list[dict], root: Path) -> list[Path]:
     return written
 
 
-def main() -> None:
+def report(record: dict[str, dict], results: Path, command: str) -> str:
+    """Write results.md, results.json and the plots from every recorded row; returns the markdown."""
+    rows = list(record.values())
+    if not rows:
+        raise SystemExit(f"the record {results / 'runs.csv'} holds no run yet; run the sweep first")
+    table = aggregate(rows)
+    text = f"Command: `{command}`\n" + markdown(table, rows)
+    (results / "results.md").write_text(text, encoding="utf-8")
+    (results / "results.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    for path in plots(table, results):
+        print(f"plot: {path}")
+    print(f"tables: {results / 'results.md'}; record: {results / 'runs.csv'}")
+    return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, two densities, 1 epoch, subsets (< 10 min)")
-    parser.add_argument("--out", default=None, help="output directory [runs/reproduce or runs/reproduce-quick]")
+    parser.add_argument("--out", default=None, help="run directories [runs/reproduce or runs/reproduce-quick]")
+    parser.add_argument("--results", default=None,
+                        help="record, tables and plots [docs/benchmarks/full or runs/reproduce-quick]")
     parser.add_argument("--part", choices=["lenet", "resnet", "all"], default="all")
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of the part's models, e.g. lenet300 (run the sweep in pieces)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting [3; 1 with --quick]")
-    parser.add_argument("--lenet-epochs", type=int, default=None, help="epochs for the LeNets [10; 1 with --quick]")
-    parser.add_argument("--resnet-epochs", type=int, default=None, help="epochs for resnet20 [10; 1 with --quick]")
-    parser.add_argument("--resnet-subset", type=int, default=None,
-                        help="training samples for resnet20 [10000; 2000 with --quick]")
-    args = parser.parse_args()
-    quick = args.quick
-    root = Path(args.out or ("runs/reproduce-quick" if quick else "runs/reproduce"))
-    root.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per setting [3; 1 with --quick]")
+    parser.add_argument("--only-seed", type=int, default=None, help="run only this seed (to split a sweep by seed)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each with cores/jobs threads [1]; 2 is ~1.2x faster on 2 cores")
+    parser.add_argument("--dry-run", action="store_true", help="print what is left to run and its estimated time")
+    parser.add_argument("--report", action="store_true", help="only redraw the tables and plots from the record")
+    args = parser.parse_args(argv)
+    for name in ("seeds", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive integer, got {value}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    root = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
+    results = Path(args.results or ("runs/reproduce-quick" if args.quick else "docs/benchmarks/full"))
     parts = ["lenet", "resnet"] if args.part == "all" else [args.part]
-    runs = plan_runs(quick, parts, args.seeds or (1 if quick else 3), args.lenet_epochs or (1 if quick else 10),
-                     args.resnet_epochs or (1 if quick else 10), args.resnet_subset or (2000 if quick else 10_000))
+    runs = plan_runs(parts, args.seeds or settings["seeds"], settings["lenet_epochs"], settings["lenet_subset"],
+                     settings["resnet_epochs"], settings["resnet_subset"],
+                     lenet_densities=[0.05, 0.0064] if args.quick else LENET_DENSITIES,
+                     resnet_densities=[0.05] if args.quick else RESNET_DENSITIES)
     if args.models:
         wanted = {name.strip() for name in args.models.split(",")}
         runs = [run for run in runs if run.model in wanted]
         if not runs:
-            sys.exit(f"no run of the chosen part uses the models {sorted(wanted)}")
-    started = time.perf_counter()
-    rows = []
-    for index, run in enumerate(runs, 1):
-        row = execute(run, root)
-        rows.append(row)
-        elapsed = time.perf_counter() - started
-        print(f"[{index}/{len(runs)}] {run.path}: test acc {row['test_acc']:.2%}, {row['artifact_bytes']:,} B "
-              f"({elapsed / 60:.1f} min so far)", flush=True)
-    with open(root / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = aggregate(rows)
-    command = "python examples/reproduce/sweep.py " + " ".join(sys.argv[1:])
-    header = (f"Command: `{command.strip()}`\n\nRuns: {len(rows)}; wall time of this invocation "
-              f"{(time.perf_counter() - started) / 60:.1f} min (finished runs are skipped, not retimed).\n")
-    (root / "results.md").write_text(header + markdown(table), encoding="utf-8")
-    (root / "results.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
-    for path in plots(table, root):
-        print(f"plot: {path}")
-    print(f"results: {root / 'results.md'}, {root / 'results.csv'}")
-    print(markdown(table))
-    if any(math.isnan(r["acc_mean"]) for r in table):
+            sys.exit(f"error: no run of part {args.part!r} uses the models {sorted(wanted)}")
+    if args.only_seed is not None:
+        runs = [run for run in runs if run.seed == args.only_seed]
+        if not runs:
+            sys.exit(f"error: --only-seed {args.only_seed} is not one of the planned seeds")
+    command = "python examples/reproduce/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        report(read_record(results / "runs.csv"), results, command.strip())
+        return
+    if args.dry_run:
+        record = read_record(results / "runs.csv")
+        todo = pending(runs, record)
+        seconds, unknown = estimate_seconds(todo, record)
+        print(f"{len(runs)} runs planned, {len(runs) - len(todo)} recorded, {len(todo)} to run: about "
+              f"{seconds / 3600:.1f} h of compute at the recorded speed"
+              + (f", plus {unknown} runs of a model with no recorded run yet" if unknown else ""))
+        for run in todo:
+            print(f"  {run.path}")
+        return
+    record = sweep(runs, root, results, jobs=args.jobs)
+    text = report(record, results, command.strip())
+    print(text)
+    if any(math.isnan(row["test_acc"]) for row in record.values()):
         sys.exit("some runs have no accuracy")
 
 

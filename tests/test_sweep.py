@@ -1,0 +1,155 @@
+"""The reproduction sweep: its plan, the record that lets it run in parts, and its tables."""
+import csv
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce" / "sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    sys.path.insert(0, str(SCRIPT.parent))  # importable by name, also in the worker processes of --jobs
+    module = importlib.import_module("sweep")
+    assert Path(module.__file__) == SCRIPT
+    yield module
+    sys.path.remove(str(SCRIPT.parent))
+    del sys.modules["sweep"]
+
+
+def tiny_runs(sweep, seeds=(0,), methods=("dense", "snip")):
+    runs = []
+    for seed in seeds:
+        for method in methods:
+            options = {"data": "synthetic", "subset": 256, "epochs": 1, "method": method}
+            density = 1.0 if method == "dense" else 0.1
+            if method != "dense":
+                options["density"] = density
+            runs.append(sweep.Run("lenet", "lenet300", method, density, seed, options))
+    return runs
+
+
+def row(sweep, method="snip", density=0.1, seed=0, acc=0.5, settings="{}", seconds=10.0):
+    return {"part": "lenet", "model": "lenet300", "method": method, "density": density, "seed": seed,
+            "settings": settings, "test_acc": acc, "trained_params": 100, "total_params": 1000,
+            "artifact_bytes": 400, "dense_fp32_bytes": 4000, "seconds": seconds, "threads": 2, "torch": "x"}
+
+
+def test_the_full_plan_has_every_model_method_density_and_seed(sweep):
+    lenet = sweep.plan_runs(["lenet"], 3, 10, None, 10, 5000)
+    assert len(lenet) == 2 * 3 * (1 + len(sweep.LENET_METHODS) * len(sweep.LENET_DENSITIES)) == 258
+    assert {r.density for r in lenet} == {1.0, *sweep.LENET_DENSITIES}
+    assert all("subset" not in r.options and r.options["epochs"] == 10 for r in lenet)
+    resnet = sweep.plan_runs(["resnet"], 3, 10, None, 10, 5000)
+    assert len(resnet) == 3 * (1 + 3 * 2 * 3) == 57
+    assert {r.method for r in resnet} == {"dense", "snip", "snip+ip", "synflow", "synflow+ip", "freezenet", "freezenet+ip"}
+    assert all(r.options["interspace"] == r.method.endswith("+ip") for r in resnet if r.method != "dense")
+    assert all(r.options["subset"] == 5000 and r.options["eval_every"] == 10 for r in resnet)
+    assert len({r.path for r in lenet + resnet}) == len(lenet + resnet)
+
+
+def test_every_planned_run_is_a_valid_training_config(sweep):
+    from compress.config import build_config
+
+    for run in sweep.plan_runs(["lenet", "resnet"], 1, 10, None, 10, 5000):
+        build_config(None, {"model": run.model, "seed": run.seed, **run.options}).resolved()
+
+
+def test_the_record_round_trips_and_a_foreign_csv_is_refused(sweep, tmp_path):
+    rows = {sweep.record_key(r): r for r in (row(sweep, seed=0), row(sweep, seed=1, acc=0.25))}
+    path = tmp_path / "runs.csv"
+    sweep.write_record(path, rows)
+    assert sweep.read_record(path) == rows
+    assert not (tmp_path / "runs.csv.tmp").exists()
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a sweep record"):
+        sweep.read_record(path)
+    assert sweep.read_record(tmp_path / "missing.csv") == {}
+
+
+def test_a_recorded_run_is_pending_again_only_when_its_settings_change(sweep):
+    run = tiny_runs(sweep, methods=("snip",))[0]
+    record = {run.path: row(sweep, settings=run.settings)}
+    assert sweep.pending([run], record) == []
+    record[run.path]["settings"] = run.settings.replace('"epochs":1', '"epochs":2')
+    assert sweep.pending([run], record) == [run]
+
+
+def test_sweep_records_each_run_and_skips_recorded_runs_when_run_again(sweep, tmp_path, monkeypatch):
+    runs = tiny_runs(sweep)
+    record = sweep.sweep(runs, tmp_path / "out", tmp_path, jobs=1)
+    assert sorted(record) == sorted(r.path for r in runs)
+    stored = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert [r["method"] for r in stored] == ["dense", "snip"]
+    assert all(0 <= float(r["test_acc"]) <= 1 and int(r["artifact_bytes"]) > 0 for r in stored)
+    assert (tmp_path / "out" / runs[1].path).with_suffix(".cpk").is_file()
+
+    def must_not_train(*args):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(sweep, "execute", must_not_train)
+    assert sweep.sweep(runs, tmp_path / "out", tmp_path, jobs=1) == record
+
+
+def test_parallel_jobs_record_the_same_runs_as_one_at_a_time(sweep, tmp_path):
+    runs = tiny_runs(sweep, seeds=(0, 1), methods=("snip",))
+    serial = sweep.sweep(runs, tmp_path / "one", tmp_path / "one", jobs=1)
+    parallel = sweep.sweep(runs, tmp_path / "two", tmp_path / "two", jobs=2)
+    assert sorted(parallel) == sorted(serial)
+    assert all(parallel[key]["threads"] == max(1, sweep._cores() // 2) for key in parallel)
+    for key in serial:
+        assert parallel[key]["trained_params"] == serial[key]["trained_params"]
+        assert abs(parallel[key]["test_acc"] - serial[key]["test_acc"]) < 0.1  # thread counts change float sums
+
+
+def test_a_record_lost_with_its_runs_kept_is_rebuilt_without_training(sweep, tmp_path):
+    runs = tiny_runs(sweep, methods=("snip",))
+    first = sweep.sweep(runs, tmp_path / "out", tmp_path / "a", jobs=1)
+    mtime = (tmp_path / "out" / runs[0].path / "model.safetensors").stat().st_mtime
+    again = sweep.sweep(runs, tmp_path / "out", tmp_path / "b", jobs=1)
+    assert (tmp_path / "out" / runs[0].path / "model.safetensors").stat().st_mtime == mtime
+    assert again[runs[0].path]["test_acc"] == first[runs[0].path]["test_acc"]
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds(sweep):
+    table = sweep.aggregate([row(sweep, seed=0, acc=0.5, seconds=3), row(sweep, seed=1, acc=0.7, seconds=4)])
+    (entry,) = table
+    assert entry["seeds"] == 2 and entry["acc_mean"] == pytest.approx(0.6)
+    assert entry["acc_std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert entry["dense_ratio"] == 10.0 and entry["seconds"] == 7
+
+
+def test_report_writes_tables_with_settings_and_time(sweep, tmp_path):
+    settings = json.dumps({"epochs": 10, "subset": 5000, "eval_every": 10})
+    record = {sweep.record_key(r): r for r in (row(sweep, seed=0, settings=settings, seconds=1800),
+                                                row(sweep, seed=1, settings=settings, seconds=1800))}
+    text = sweep.report(record, tmp_path, "python examples/reproduce/sweep.py")
+    assert "10 epochs on the first 5,000 training images, tested after the last epoch only" in text
+    assert "seeds 0, 1; 1.0 h of training" in text
+    assert "| snip | 10.00% | 2 | 50.00 ± 0.00 | 100 | 400 | 10.0 |" in text
+    assert json.loads((tmp_path / "results.json").read_text())[0]["seeds"] == 2
+    with pytest.raises(SystemExit, match="holds no run yet"):
+        sweep.report({}, tmp_path, "x")
+
+
+def test_estimate_uses_recorded_times_of_the_same_model_and_settings(sweep):
+    runs = tiny_runs(sweep, seeds=(0, 1))
+    record = {"x": row(sweep, settings=runs[0].settings, seconds=30.0)}
+    seconds, unknown = sweep.estimate_seconds(runs, record)
+    assert (seconds, unknown) == (120.0, 0)
+    other = sweep.Run("lenet", "lenet5", "dense", 1.0, 0, {"epochs": 1})
+    assert sweep.estimate_seconds([other], record) == (0.0, 1)
+
+
+def test_dry_run_lists_what_is_left_and_bad_arguments_are_refused(sweep, tmp_path, capsys):
+    sweep.main(["--dry-run", "--part", "resnet", "--only-seed", "2", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "19 runs planned, 0 recorded, 19 to run" in out and "resnet/resnet20/snip+ip/d0.02/s2" in out
+    with pytest.raises(SystemExit, match="uses the models"):
+        sweep.main(["--dry-run", "--part", "resnet", "--models", "lenet5", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        sweep.main(["--jobs", "0", "--results", str(tmp_path)])
+    assert "--jobs must be a positive integer" in capsys.readouterr().err
