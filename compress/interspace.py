@@ -71,6 +71,8 @@ class InterspaceConv2d(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         weight = interspace_weight(self.coefficients, self.basis)
+        if inputs.dim() == 4 and inputs.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)  # else oneDNN reorders it, slower
         if self.padding_mode != "zeros":
             inputs = F.pad(inputs, self._reversed_padding, mode=self.padding_mode)
             return F.conv2d(inputs, weight, self.bias, self.stride, 0, self.dilation, self.groups)

@@ -105,6 +105,14 @@ def test_parallel_jobs_record_the_same_runs_as_one_at_a_time(sweep, tmp_path):
         assert abs(parallel[key]["test_acc"] - serial[key]["test_acc"]) < 0.1  # thread counts change float sums
 
 
+def test_a_failing_run_is_reported_and_the_others_are_still_recorded(sweep, tmp_path):
+    good, broken = tiny_runs(sweep, methods=("dense", "snip"))
+    broken.options["score"] = "no-such-score"
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed and were not recorded: lenet/lenet300/snip/d0.1/s0"):
+        sweep.sweep([broken, good], tmp_path / "out", tmp_path, jobs=1)
+    assert list(sweep.read_record(tmp_path / "runs.csv")) == [good.path]
+
+
 def test_a_record_lost_with_its_runs_kept_is_rebuilt_without_training(sweep, tmp_path):
     runs = tiny_runs(sweep, methods=("snip",))
     first = sweep.sweep(runs, tmp_path / "out", tmp_path / "a", jobs=1)

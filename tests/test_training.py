@@ -151,3 +151,13 @@ def test_eval_every_evaluates_every_nth_and_always_the_last_epoch(data):
     history = train(model, data, settings, MaskConstraint(model, plan, initial), seed=0, device=CPU, progress=False)
     assert [("test_acc" in m) for m in history] == [False, True, False, True, True]
     assert all("train_loss" in m for m in history)
+
+
+def test_training_hands_back_the_same_contiguous_parameters(data):
+    model, plan, initial = planned_model("freeze")
+    before = {name: param for name, param in model.named_parameters()}
+    train(model, data, TrainSettings(epochs=1, batch_size=128), MaskConstraint(model, plan, initial), seed=0,
+          device=CPU, progress=False)
+    after = dict(model.named_parameters())
+    assert all(after[name] is before[name] for name in before)  # optimizer and constraint kept valid references
+    assert all(param.is_contiguous() for param in after.values())

@@ -5,8 +5,8 @@
 Each benchmark runs in its own process (quick mode unless --full) and prints its own tables; this
 collects every line that starts with PASS or FAIL into one summary (training-step overhead, scoring
 cost, mask bytes against the limit, artifact ratio, rebuild time, ONNX latency, COPS against the LP
-solver, interspace overhead). Full outputs go to --log-dir. Ratios are measured in one run on a
-shared machine: rerun a FAIL on an idle machine before trusting it.
+solver, interspace overhead, channels_last against NCHW). Full outputs go to --log-dir. Ratios are
+measured in one run on a shared machine: rerun a FAIL on an idle machine before trusting it.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("onnx latency", "bench_onnx.py", True),
     ("cops vs LP solver", "bench_cops.py", True),
     ("interspace overhead", "bench_interspace.py", True),
+    ("conv layout", "bench_layout.py", True),
 ]
 VERDICT = re.compile(r"^\s*(PASS|FAIL)\b[\s:]*(.+?)\s*$")
 

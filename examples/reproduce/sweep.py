@@ -151,7 +151,7 @@ def pending(runs: list[Run], record: dict[str, dict]) -> list[Run]:
 
 
 def execute(run: Run, root: Path, threads: int) -> dict:
-    """Train (resuming an interrupted run), pack and return the record row; the run's log goes to train.log."""
+    """Train (resuming an interrupted run), pack and return the record row; the run's log goes to <seed>.log."""
     import torch
 
     import formats
@@ -234,14 +234,36 @@ def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: in
               f"{row['artifact_bytes']:,} B, {row['seconds']:.0f} s ({elapsed / 60:.1f} min so far, "
               f"about {left:.0f} min left)", flush=True)
 
+    failures = []
+
+    def failed(run: Run, error: Exception) -> None:
+        failures.append(run.path)
+        print(f"FAILED {run.path}: {type(error).__name__}: {error} (log: {root / run.path}.log)", flush=True)
+
     if jobs == 1:
         for run in todo:
-            note(execute(run, root, threads))
+            try:
+                row = execute(run, root, threads)
+            except Exception as error:  # one broken run must not stop a sweep of hours; reported below
+                failed(run, error)
+            else:
+                note(row)
     elif todo:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(execute, run, root, threads) for run in todo]
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futures = {pool.submit(execute, run, root, threads): run for run in todo}
             for future in as_completed(futures):
-                note(future.result())
+                try:
+                    row = future.result()
+                except Exception as error:
+                    failed(futures[future], error)
+                else:
+                    note(row)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, start no further run
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed and were not recorded: {', '.join(failures)}; "
+                           "read their logs, fix the cause and run the sweep again (recorded runs are kept)")
     return record
 
 
@@ -413,7 +435,11 @@ def main(argv=None) -> None:
         for run in todo:
             print(f"  {run.path}")
         return
-    record = sweep(runs, root, results, jobs=args.jobs)
+    try:
+        record = sweep(runs, root, results, jobs=args.jobs)
+    except RuntimeError as error:
+        report(read_record(results / "runs.csv"), results, command.strip())
+        sys.exit(f"error: {error}")
     text = report(record, results, command.strip())
     print(text)
     if any(math.isnan(row["test_acc"]) for row in record.values()):
