@@ -2,7 +2,9 @@
 import csv
 import importlib
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,7 +137,7 @@ def test_report_writes_tables_with_settings_and_time(sweep, tmp_path):
     record = {sweep.record_key(r): r for r in (row(sweep, seed=0, settings=settings, seconds=1800),
                                                 row(sweep, seed=1, settings=settings, seconds=1800))}
     text = sweep.report(record, tmp_path, "python examples/reproduce/sweep.py")
-    assert "10 epochs on the first 5,000 training images, tested after the last epoch only" in text
+    assert "10 epochs on 5,000 training images (a subset drawn from each seed), tested after the last epoch only" in text
     assert "seeds 0, 1; 1.0 h of training" in text
     assert "| snip | 10.00% | 2 | 50.00 ± 0.00 | 100 | 400 | 10.0 |" in text
     assert json.loads((tmp_path / "results.json").read_text())[0]["seeds"] == 2
@@ -161,3 +163,34 @@ def test_dry_run_lists_what_is_left_and_bad_arguments_are_refused(sweep, tmp_pat
     with pytest.raises(SystemExit):
         sweep.main(["--jobs", "0", "--results", str(tmp_path)])
     assert "--jobs must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux-only")
+def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    program = f"""
+import multiprocessing, os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import sweep
+
+def work(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=sweep._die_with_parent)
+    pool.submit(work, {str(pid_file)!r})
+    while not os.path.exists({str(pid_file)!r}):
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    script = tmp_path / "killed_sweep.py"  # a file: spawn re-imports the main module in the worker
+    script.write_text(program)
+    subprocess.run([sys.executable, str(script)], timeout=60)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]

@@ -10,7 +10,8 @@
 Part "lenet": LeNet-300-100 and LeNet-5-Caffe, dense and at densities 10%, 5%, 2%, 1%, 0.64% (157x),
 0.3%, 0.1% with SNIP (prune), FreezeNet (SNIP score, freeze), random (freeze), GraSP, SynFlow and COPS
 (snip+grasp, gamma 0.5), 3 seeds each, 10 epochs on the full 60k training set.
-Part "resnet": resnet20 on the first 5,000 images of the Fashion-MNIST training set (test: all 10k),
+Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
+seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
 3 seeds, 10 epochs, tested after the last epoch only (--eval-every 10, the test pass would cost a third
 of the time).
@@ -249,7 +250,8 @@ def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: in
             else:
                 note(row)
     elif todo:
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_die_with_parent)
         try:
             futures = {pool.submit(execute, run, root, threads): run for run in todo}
             for future in as_completed(futures):
@@ -265,6 +267,17 @@ def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: in
         raise RuntimeError(f"{len(failures)} run(s) failed and were not recorded: {', '.join(failures)}; "
                            "read their logs, fix the cause and run the sweep again (recorded runs are kept)")
     return record
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, have the kernel end this worker when the sweep process dies, so no
+    orphan keeps training a run directory that a restarted sweep resumes at the same time."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _cores() -> int:
@@ -297,7 +310,8 @@ def describe_settings(rows: list[dict]) -> str:
     for row in rows:
         options = json.loads(row["settings"])
         text = (f"{options.get('epochs')} epochs on "
-                + (f"the first {options['subset']:,} training images" if options.get("subset") else "all 60,000 training images")
+                + (f"{options['subset']:,} training images (a subset drawn from each seed)" if options.get("subset")
+                   else "all 60,000 training images")
                 + (", tested after the last epoch only" if options.get("eval_every", 1) > 1 else ""))
         if text not in seen:
             seen.append(text)
