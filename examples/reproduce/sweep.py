@@ -165,11 +165,12 @@ def execute(run: Run, root: Path, threads: int) -> dict:
     config = build_config(None, {"model": run.model, "seed": run.seed, **run.options})
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "a", encoding="utf-8") as log, redirect_stderr(log):
-        if (out / CONFIG_FILE).is_file() and not (out / SUMMARY_FILE).is_file() and _same_run(out, config):
+        same = (out / CONFIG_FILE).is_file() and _same_run(out, config)
+        finished = (out / SUMMARY_FILE).is_file()
+        if same and not finished:
             summary = resume_run(out, progress=False)
-        else:
-            stale = (out / SUMMARY_FILE).is_file() and not _same_run(out, config)
-            summary = train_run(config, out, overwrite=stale or not (out / SUMMARY_FILE).is_file(), progress=False)
+        else:  # a finished run of these settings is returned as is; anything else in `out` is replaced
+            summary = train_run(config, out, overwrite=not (same and finished), progress=False)
         artifact = out.with_suffix(".cpk")
         if stale_artifact(artifact, out):
             pack_run(out, artifact)
