@@ -80,6 +80,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    """The device a run trained on, in words: ``cpu`` or ``cuda (NVIDIA H200)``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def load_run_data(config: RunConfig) -> Data:
     return load_data(
         config.data,
@@ -380,6 +387,7 @@ def make_summary(prepared: Prepared, out: Path, seconds: float) -> dict:
         "score_seconds": round(prepared.score_seconds, 3),
         "train_seconds": round(seconds, 3),
         "threads": torch.get_num_threads(),
+        "device": describe_device(prepared.device),
         "torch": torch.__version__,
     }
     if plan is None:

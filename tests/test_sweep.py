@@ -34,10 +34,11 @@ def tiny_runs(sweep, seeds=(0,), methods=("dense", "snip")):
     return runs
 
 
-def row(sweep, method="snip", density=0.1, seed=0, acc=0.5, settings="{}", seconds=10.0):
+def row(sweep, method="snip", density=0.1, seed=0, acc=0.5, settings="{}", seconds=10.0, device="cpu"):
     return {"part": "lenet", "model": "lenet300", "method": method, "density": density, "seed": seed,
             "settings": settings, "test_acc": acc, "trained_params": 100, "total_params": 1000,
-            "artifact_bytes": 400, "dense_fp32_bytes": 4000, "seconds": seconds, "threads": 2, "torch": "x"}
+            "artifact_bytes": 400, "dense_fp32_bytes": 4000, "seconds": seconds, "threads": 2, "torch": "x",
+            "device": device}
 
 
 def test_the_full_plan_has_every_model_method_density_and_seed(sweep):
@@ -72,6 +73,16 @@ def test_the_record_round_trips_and_a_foreign_csv_is_refused(sweep, tmp_path):
     assert sweep.read_record(tmp_path / "missing.csv") == {}
 
 
+def test_a_record_written_before_the_device_column_reads_as_cpu_runs(sweep, tmp_path):
+    rows = {sweep.record_key(r): r for r in (row(sweep, seed=0), row(sweep, seed=1))}
+    path = tmp_path / "runs.csv"
+    sweep.write_record(path, rows)
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith(",device") and all(line.endswith(",cpu") for line in lines[1:])
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert sweep.read_record(path) == rows
+
+
 def test_a_recorded_run_is_pending_again_only_when_its_settings_change(sweep):
     run = tiny_runs(sweep, methods=("snip",))[0]
     record = {run.path: row(sweep, settings=run.settings)}
@@ -87,6 +98,7 @@ def test_sweep_records_each_run_and_skips_recorded_runs_when_run_again(sweep, tm
     stored = list(csv.DictReader(open(tmp_path / "runs.csv")))
     assert [r["method"] for r in stored] == ["dense", "snip"]
     assert all(0 <= float(r["test_acc"]) <= 1 and int(r["artifact_bytes"]) > 0 for r in stored)
+    assert all(r["device"] == "cpu" for r in stored)  # auto resolves to the CPU on a machine without CUDA
     assert (tmp_path / "out" / runs[1].path).with_suffix(".cpk").is_file()
 
     def must_not_train(*args):
@@ -135,12 +147,17 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds(sweep):
 def test_report_writes_tables_with_settings_and_time(sweep, tmp_path):
     settings = json.dumps({"epochs": 10, "subset": 5000, "eval_every": 10})
     record = {sweep.record_key(r): r for r in (row(sweep, seed=0, settings=settings, seconds=1800),
-                                                row(sweep, seed=1, settings=settings, seconds=1800))}
+                                                row(sweep, seed=1, settings=settings, seconds=1800,
+                                                    device="cuda (NVIDIA H200)"))}
     text = sweep.report(record, tmp_path, "python examples/reproduce/sweep.py")
     assert "10 epochs on 5,000 training images (a subset drawn from each seed), tested after the last epoch only" in text
-    assert "seeds 0, 1; 1.0 h of training" in text
+    assert "seeds 0, 1; 1.0 h of training and scoring in all (1 on cpu with torch x; 1 on cuda (NVIDIA H200) " \
+           "with torch x)" in text
     assert "| snip | 10.00% | 2 | 50.00 ± 0.00 | 100 | 400 | 10.0 |" in text
     assert json.loads((tmp_path / "results.json").read_text())[0]["seeds"] == 2
+    short = json.dumps({"epochs": 1})
+    text = sweep.report({"x": row(sweep, settings=short, seconds=90)}, tmp_path, "x")
+    assert "1 run: 1 epoch on all 60,000 training images; seeds 0; 1.5 min of training" in text
     with pytest.raises(SystemExit, match="holds no run yet"):
         sweep.report({}, tmp_path, "x")
 
@@ -152,14 +169,28 @@ def test_estimate_uses_recorded_times_of_the_same_model_and_settings(sweep):
     assert (seconds, unknown) == (120.0, 0)
     other = sweep.Run("lenet", "lenet5", "dense", 1.0, 0, {"epochs": 1})
     assert sweep.estimate_seconds([other], record) == (0.0, 1)
+    assert sweep.estimate_seconds(runs, record, "cpu") == (120.0, 0)
+    assert sweep.estimate_seconds(runs, record, "cuda (NVIDIA H200)") == (0.0, 4)  # other devices' times differ
 
 
 def test_dry_run_lists_what_is_left_and_bad_arguments_are_refused(sweep, tmp_path, capsys):
     sweep.main(["--dry-run", "--part", "resnet", "--only-seed", "2", "--results", str(tmp_path)])
     out = capsys.readouterr().out
     assert "19 runs planned, 0 recorded, 19 to run" in out and "resnet/resnet20/snip+ip/d0.02/s2" in out
-    with pytest.raises(SystemExit, match="uses the models"):
-        sweep.main(["--dry-run", "--part", "resnet", "--models", "lenet5", "--results", str(tmp_path)])
+    sweep.main(["--dry-run", "--part", "resnet", "--methods", "snip+ip,dense", "--densities", "0.02,1",
+                "--results", str(tmp_path)])
+    listed = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(listed) == sorted(f"resnet/resnet20/{m}/d{d}/s{s}" for m, d in (("dense", 1), ("snip+ip", 0.02))
+                                    for s in range(3))
+    for arguments, message in ((["--models", "lenet5"], "uses the models"),
+                               (["--only-seed", "7"], "not one of the planned seeds"),
+                               (["--device", "tpu"], "is not a device; use auto, cpu or cuda"),
+                               (["--methods", "snap"], "no planned run uses the methods ['snap']"),
+                               (["--densities", "0.1,x"], "not a comma-separated list of numbers"),
+                               (["--densities", "0.5"], "no planned run has the densities [0.5]")):
+        with pytest.raises(SystemExit) as stop:
+            sweep.main(["--dry-run", "--part", "resnet", "--results", str(tmp_path), *arguments])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sweep.main(["--jobs", "0", "--results", str(tmp_path)])
     assert "--jobs must be a positive integer" in capsys.readouterr().err

@@ -6,6 +6,8 @@
     python examples/reproduce/sweep.py --part lenet --models lenet300   # one model of a part
     python examples/reproduce/sweep.py --dry-run          # what is left to run and how long it should take
     python examples/reproduce/sweep.py --report           # redraw tables and plots from the record only
+    python examples/reproduce/sweep.py --part lenet --models lenet5 --device cuda --jobs 12   # on a GPU
+    python examples/reproduce/sweep.py --methods freezenet --densities 0.0064 --only-seed 0   # one setting
 
 Part "lenet": LeNet-300-100 and LeNet-5-Caffe, dense and at densities 10%, 5%, 2%, 1%, 0.64% (157x),
 0.3%, 0.1% with SNIP (prune), FreezeNet (SNIP score, freeze), random (freeze), GraSP, SynFlow and COPS
@@ -35,6 +37,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -57,7 +60,9 @@ RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, 
 FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 10, "resnet_subset": 5000}
 QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
 RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
-                 "total_params", "artifact_bytes", "dense_fp32_bytes", "seconds", "threads", "torch"]
+                 "total_params", "artifact_bytes", "dense_fp32_bytes", "seconds", "threads", "torch", "device"]
+# Columns added after the first rows were recorded, with the value those rows had (all ran on a CPU).
+LATER_FIELDS = {"device": "cpu"}
 
 
 @dataclass
@@ -117,13 +122,13 @@ def read_record(path: Path) -> dict[str, dict]:
     rows = {}
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = set(RECORD_FIELDS) - set(reader.fieldnames or [])
+        missing = set(RECORD_FIELDS) - set(LATER_FIELDS) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path} is not a sweep record (no column {', '.join(sorted(missing))}); "
                              "point --results at another directory or delete the file")
         for row in reader:
-            row = {**row, "density": float(row["density"]), "seed": int(row["seed"]), "test_acc": float(row["test_acc"]),
-                   "seconds": float(row["seconds"]), "threads": int(row["threads"])}
+            row = {**LATER_FIELDS, **row, "density": float(row["density"]), "seed": int(row["seed"]),
+                   "test_acc": float(row["test_acc"]), "seconds": float(row["seconds"]), "threads": int(row["threads"])}
             for name in ("trained_params", "total_params", "artifact_bytes", "dense_fp32_bytes"):
                 row[name] = int(row[name])
             rows[record_key(row)] = row
@@ -151,8 +156,10 @@ def pending(runs: list[Run], record: dict[str, dict]) -> list[Run]:
     return [run for run in runs if record.get(run.path, {}).get("settings") != run.settings]
 
 
-def execute(run: Run, root: Path, threads: int) -> dict:
-    """Train (resuming an interrupted run), pack and return the record row; the run's log goes to <seed>.log."""
+def execute(run: Run, root: Path, threads: int, device: str = "auto") -> dict:
+    """Train (resuming an interrupted run), pack and return the record row; the run's log goes to <seed>.log.
+
+    ``device`` is not part of the run's settings: a run is the same experiment on any device."""
     import torch
 
     import formats
@@ -162,7 +169,7 @@ def execute(run: Run, root: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     out = root / run.path
-    config = build_config(None, {"model": run.model, "seed": run.seed, **run.options})
+    config = build_config(None, {"model": run.model, "seed": run.seed, **run.options, "device": device})
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "a", encoding="utf-8") as log, redirect_stderr(log):
         same = (out / CONFIG_FILE).is_file() and _same_run(out, config)
@@ -182,6 +189,7 @@ def execute(run: Run, root: Path, threads: int) -> dict:
         "dense_fp32_bytes": totals["dense_fp32_bytes"],
         "seconds": round(summary["score_seconds"] + summary["train_seconds"], 1),
         "threads": summary.get("threads", threads), "torch": summary["torch"],
+        "device": summary.get("device", "cpu"),
     }
 
 
@@ -196,10 +204,13 @@ def stale_artifact(artifact: Path, run_dir: Path) -> bool:
     return not artifact.is_file() or artifact.stat().st_mtime < (run_dir / "model.safetensors").stat().st_mtime
 
 
-def estimate_seconds(runs: list[Run], record: dict[str, dict]) -> tuple[float, int]:
-    """Estimated compute seconds of ``runs`` from recorded runs of the same model and epochs, and how many had none."""
+def estimate_seconds(runs: list[Run], record: dict[str, dict], device: str | None = None) -> tuple[float, int]:
+    """Estimated compute seconds of ``runs`` from recorded runs of the same model and epochs (on ``device``, a
+    recorded device label, if given), and how many runs had none to go by."""
     by_model: dict[tuple, list[float]] = {}
     for row in record.values():
+        if device is not None and row["device"] != device:
+            continue
         options = json.loads(row["settings"])
         by_model.setdefault((row["model"], options.get("epochs"), options.get("subset")), []).append(row["seconds"])
     total, unknown = 0.0, 0
@@ -212,7 +223,8 @@ def estimate_seconds(runs: list[Run], record: dict[str, dict]) -> tuple[float, i
     return total, unknown
 
 
-def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: int | None = None) -> dict[str, dict]:
+def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: int | None = None,
+          device: str = "auto") -> dict[str, dict]:
     """Train and pack every pending run (``jobs`` at a time), recording each as it finishes; returns the record."""
     results.mkdir(parents=True, exist_ok=True)
     record_path = results / "runs.csv"
@@ -245,7 +257,7 @@ def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: in
     if jobs == 1:
         for run in todo:
             try:
-                row = execute(run, root, threads)
+                row = execute(run, root, threads, device)
             except Exception as error:  # one broken run must not stop a sweep of hours; reported below
                 failed(run, error)
             else:
@@ -254,7 +266,7 @@ def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: in
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_die_with_parent)
         try:
-            futures = {pool.submit(execute, run, root, threads): run for run in todo}
+            futures = {pool.submit(execute, run, root, threads, device): run for run in todo}
             for future in as_completed(futures):
                 try:
                     row = future.result()
@@ -310,7 +322,8 @@ def describe_settings(rows: list[dict]) -> str:
     seen = []
     for row in rows:
         options = json.loads(row["settings"])
-        text = (f"{options.get('epochs')} epochs on "
+        epochs = options.get("epochs")
+        text = (f"{epochs} epoch{'' if epochs == 1 else 's'} on "
                 + (f"{options['subset']:,} training images (a subset drawn from each seed)" if options.get("subset")
                    else "all 60,000 training images")
                 + (", tested after the last epoch only" if options.get("eval_every", 1) > 1 else ""))
@@ -319,15 +332,24 @@ def describe_settings(rows: list[dict]) -> str:
     return "; ".join(seen)
 
 
+def describe_machines(rows: list[dict]) -> str:
+    """Where the rows were trained: each device and torch version with its number of runs."""
+    counts: dict[tuple, int] = {}
+    for row in rows:
+        counts[(row["device"], row["torch"])] = counts.get((row["device"], row["torch"]), 0) + 1
+    return "; ".join(f"{n} on {device} with torch {version}" for (device, version), n in counts.items())
+
+
 def markdown(table: list[dict], rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in table):
         members = [r for r in rows if r["model"] == model]
-        hours = sum(r["seconds"] for r in members) / 3600
+        seconds = sum(r["seconds"] for r in members)
+        duration = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
         lines += [f"\n### {model}\n",
-                  f"{len(members)} runs: {describe_settings(members)}; seeds "
+                  f"{len(members)} run{'' if len(members) == 1 else 's'}: {describe_settings(members)}; seeds "
                   f"{', '.join(str(s) for s in sorted({r['seed'] for r in members}))}; "
-                  f"{hours:.1f} h of training and scoring in all.\n",
+                  f"{duration} of training and scoring in all ({describe_machines(members)}).\n",
                   "| method | density | seeds | test acc (mean ± std) | trained params | artifact bytes | x smaller than dense fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in table if r["model"] == model):
@@ -367,7 +389,10 @@ def plots(table: list[dict], root: Path) -> list[Path]:
                     title=f"{model}: accuracy against density")
         axes[1].set(xscale="log", xlabel="artifact bytes (fp16 values)", ylabel="test accuracy (%)",
                     title=f"{model}: accuracy against storage")
-        axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
+        kilobytes = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g} KB")
+        axes[1].xaxis.set_major_formatter(kilobytes)
+        axes[1].xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))  # fewer, so no overlap
+        axes[1].xaxis.set_minor_formatter(kilobytes)
         for axis in axes:
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
@@ -403,10 +428,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--part", choices=["lenet", "resnet", "all"], default="all")
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of the part's models, e.g. lenet300 (run the sweep in pieces)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the methods, as labelled in the tables (e.g. freezenet,snip)")
+    parser.add_argument("--densities", default=None,
+                        help="comma-separated subset of the densities (e.g. 0.0064; dense is 1)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per setting [3; 1 with --quick]")
     parser.add_argument("--only-seed", type=int, default=None, help="run only this seed (to split a sweep by seed)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each with cores/jobs threads [1]; 2 is ~1.2x faster on 2 cores")
+    parser.add_argument("--device", default="auto",
+                        help="where runs train: auto (CUDA if available), cpu or cuda[:N] [auto]; recorded per "
+                             "run, not part of its settings")
     parser.add_argument("--dry-run", action="store_true", help="print what is left to run and its estimated time")
     parser.add_argument("--report", action="store_true", help="only redraw the tables and plots from the record")
     args = parser.parse_args(argv)
@@ -415,6 +447,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}")
     return args
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None) -> None:
@@ -431,27 +468,49 @@ def main(argv=None) -> None:
         wanted = {name.strip() for name in args.models.split(",")}
         runs = [run for run in runs if run.model in wanted]
         if not runs:
-            sys.exit(f"error: no run of part {args.part!r} uses the models {sorted(wanted)}")
+            _usage_error(f"no run of part {args.part!r} uses the models {sorted(wanted)}")
+    if args.methods:
+        wanted = {name.strip() for name in args.methods.split(",")}
+        runs = [run for run in runs if run.method in wanted]
+        if not runs:
+            _usage_error(f"no planned run uses the methods {sorted(wanted)}; the labels are those of the tables, "
+                         "e.g. snip, freezenet, random-freeze, snip+ip")
+    if args.densities:
+        try:
+            wanted = {float(value) for value in args.densities.split(",")}
+        except ValueError:
+            _usage_error(f"--densities {args.densities!r} is not a comma-separated list of numbers, e.g. 0.0064,0.1")
+        runs = [run for run in runs if any(math.isclose(run.density, d) for d in wanted)]
+        if not runs:
+            _usage_error(f"no planned run has the densities {sorted(wanted)} (dense is 1)")
     if args.only_seed is not None:
         runs = [run for run in runs if run.seed == args.only_seed]
         if not runs:
-            sys.exit(f"error: --only-seed {args.only_seed} is not one of the planned seeds")
+            _usage_error(f"--only-seed {args.only_seed} is not one of the planned seeds")
     command = "python examples/reproduce/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.report:
         report(read_record(results / "runs.csv"), results, command.strip())
         return
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        _usage_error(f"--device {args.device!r} is not a device; use auto, cpu or cuda[:N]")
+    from compress.run import describe_device, resolve_device
+
+    try:
+        device = describe_device(resolve_device(args.device))
+    except ValueError as error:
+        _usage_error(str(error))
     if args.dry_run:
         record = read_record(results / "runs.csv")
         todo = pending(runs, record)
-        seconds, unknown = estimate_seconds(todo, record)
+        seconds, unknown = estimate_seconds(todo, record, device)
         print(f"{len(runs)} runs planned, {len(runs) - len(todo)} recorded, {len(todo)} to run: about "
-              f"{seconds / 3600:.1f} h of compute at the recorded speed"
+              f"{seconds / 3600:.1f} h of compute at the speed recorded on {device}"
               + (f", plus {unknown} runs of a model with no recorded run yet" if unknown else ""))
         for run in todo:
             print(f"  {run.path}")
         return
     try:
-        record = sweep(runs, root, results, jobs=args.jobs)
+        record = sweep(runs, root, results, jobs=args.jobs, device=args.device)
     except RuntimeError as error:
         report(read_record(results / "runs.csv"), results, command.strip())
         sys.exit(f"error: {error}")
