@@ -1,0 +1,19 @@
+#!/bin/bash
+# GPU smoke check (about 1 minute on one H100/H200): the resnet20 part of --quick on CUDA (every resnet
+# method, standard and interspace), then the CLI chain: train on CUDA, pack, eval on CUDA and on the CPU
+# (the same accuracy), ONNX export. Logs go to $OUT (default: a new temporary directory).
+#     bash examples/reproduce/gpu_smoke.sh
+# Data: set COMPRESS_DATA to a folder holding fashion-mnist/ where /usr/share/datasets has none.
+set -u
+OUT=${OUT:-$(mktemp -d)}
+WORK=$(mktemp -d)
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 examples/reproduce/sweep.py --quick --part resnet --device cuda --jobs 7 --results "$WORK/q" --out "$WORK/q" \
+  > "$OUT/resnet_quick.log" 2>&1; echo "resnet quick on cuda rc=$?"; grep -E "^\[|FAILED" "$OUT/resnet_quick.log"
+python3 -m cli.main train --model lenet5 --data fashion-mnist --method freezenet --density 0.0064 --epochs 1 \
+  --subset 5000 --device cuda --interspace --out "$WORK/cli" 2>&1 | tail -2; echo "train rc=${PIPESTATUS[0]}"
+python3 -m cli.main pack "$WORK/cli" -o "$WORK/cli.cpk" 2>&1 | tail -3
+python3 -m cli.main eval "$WORK/cli.cpk" --device cuda 2>&1 | tail -2; echo "eval cuda rc=${PIPESTATUS[0]}"
+python3 -m cli.main eval "$WORK/cli.cpk" --device cpu 2>&1 | tail -2; echo "eval cpu rc=${PIPESTATUS[0]}"
+python3 -m cli.main export "$WORK/cli.cpk" -o "$WORK/cli.onnx" 2>&1 | tail -2; echo "export rc=${PIPESTATUS[0]}"
+echo "logs in $OUT"
