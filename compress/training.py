@@ -214,11 +214,13 @@ def train(
     on_epoch_end: EpochCallback | None = None,
     on_step_end: Callable[[int], None] | None = None,
     progress: bool = True,
+    channels_last: bool = True,
 ) -> list[dict]:
     """Train ``model`` in place for the epochs ``start_epoch .. settings.epochs - 1``; returns metrics.
 
     Shuffling and dropout are seeded per epoch from ``seed``, so a run resumed at an epoch boundary
-    ends with exactly the weights of an uninterrupted run (on CPU).
+    ends with exactly the weights of an uninterrupted run (on CPU). ``channels_last=False`` keeps conv
+    nets in NCHW layout on the CPU (the layout benchmark's baseline).
     """
     settings.validate()
     optimizer = make_optimizer(model, settings, constraint.names)
@@ -227,7 +229,7 @@ def train(
     constraint.project()
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     history = []
-    with _fast_cpu_layout(model, device) as fast_layout:
+    with _fast_cpu_layout(model, device, channels_last) as fast_layout:
         for epoch in range(start_epoch, settings.epochs):
             started = time.perf_counter()
             torch.manual_seed(derived_seed(seed, "dropout", epoch))
@@ -267,10 +269,10 @@ def train(
 
 
 @contextmanager
-def _fast_cpu_layout(model: nn.Module, device: torch.device):
+def _fast_cpu_layout(model: nn.Module, device: torch.device, allowed: bool = True):
     """Train conv nets on the CPU in channels_last layout, which oneDNN runs 1.1-2x faster (LeNet-5: ~1.5x);
     the parameters keep their identity and are handed back contiguous. Yields whether the layout changed."""
-    change = device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
+    change = allowed and device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
     if change:
         model.to(memory_format=torch.channels_last)
     try:

@@ -161,3 +161,17 @@ def test_training_hands_back_the_same_contiguous_parameters(data):
     after = dict(model.named_parameters())
     assert all(after[name] is before[name] for name in before)  # optimizer and constraint kept valid references
     assert all(param.is_contiguous() for param in after.values())
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_nets_train_on_the_cpu_in_the_layout_asked_for(data, channels_last):
+    model, plan, initial = planned_model("freeze")
+    second_conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]  # 20 input channels: unambiguous
+    seen = []
+    second_conv.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                         and module.weight.is_contiguous(memory_format=torch.channels_last)))
+    train(model, data, TrainSettings(epochs=1, batch_size=128, eval_every=1), MaskConstraint(model, plan, initial),
+          seed=0, device=CPU, progress=False, channels_last=channels_last)
+    training_steps = math.ceil(len(data.train) / 128)
+    assert seen[:training_steps] == [channels_last] * training_steps

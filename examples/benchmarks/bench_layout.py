@@ -12,7 +12,6 @@ are computed anew every step (on this machine it is level with NCHW, within nois
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -27,29 +26,17 @@ from compress.models import build_model
 from compress.scores import score
 from compress.selection import select
 
-CHANNELS_LAST = training._fast_cpu_layout
-
-
-@contextlib.contextmanager
-def keep_nchw(model, device):
-    yield False
-
-
-def epoch_seconds(model_name: str, interspace: bool, data, layout) -> float:
+def epoch_seconds(model_name: str, interspace: bool, data, channels_last: bool) -> float:
     model = build_model(model_name, (1, 28, 28), 10)
     if interspace:
         to_interspace(model, "dct")
     initialise(model, 0)
     plan = select(score(model, "random", [], seed=0), 0.05, mode="freeze")
     constraint = training.MaskConstraint(model, plan, initial_values(model, 0, list(plan.masks)))
-    training._fast_cpu_layout = layout
-    try:
-        started = time.perf_counter()
-        training.train(model, data, training.TrainSettings(epochs=1, batch_size=128), constraint, seed=0,
-                       device=torch.device("cpu"), progress=False)
-        return time.perf_counter() - started
-    finally:
-        training._fast_cpu_layout = CHANNELS_LAST
+    started = time.perf_counter()
+    training.train(model, data, training.TrainSettings(epochs=1, batch_size=128), constraint, seed=0,
+                   device=torch.device("cpu"), progress=False, channels_last=channels_last)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -67,8 +54,8 @@ def main() -> None:
         label = model_name + ("+ip" if interspace else "")
         times = {"nchw": [], "channels_last": []}
         for _ in range(rounds):
-            times["nchw"].append(epoch_seconds(model_name, interspace, data, keep_nchw))
-            times["channels_last"].append(epoch_seconds(model_name, interspace, data, CHANNELS_LAST))
+            times["nchw"].append(epoch_seconds(model_name, interspace, data, channels_last=False))
+            times["channels_last"].append(epoch_seconds(model_name, interspace, data, channels_last=True))
         nchw, fast = statistics.median(times["nchw"]), statistics.median(times["channels_last"])
         print(f"{label:<14} {nchw:>8.2f} {fast:>16.2f} {fast / nchw:>7.3f}")
         checks.append((label, fast / nchw))

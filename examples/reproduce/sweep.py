@@ -41,6 +41,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
@@ -334,9 +335,7 @@ def describe_settings(rows: list[dict]) -> str:
 
 def describe_machines(rows: list[dict]) -> str:
     """Where the rows were trained: each device and torch version with its number of runs."""
-    counts: dict[tuple, int] = {}
-    for row in rows:
-        counts[(row["device"], row["torch"])] = counts.get((row["device"], row["torch"]), 0) + 1
+    counts = Counter((row["device"], row["torch"]) for row in rows)
     return "; ".join(f"{n} on {device} with torch {version}" for (device, version), n in counts.items())
 
 
