@@ -12,9 +12,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from formats.atomic import write_atomic  # noqa: F401  (re-exported: the one atomic writer)
+from formats.errors import FormatError
 
 MAX_HEADER_BYTES = 16 * 2**20
 CHECKSUM_KEY = "checksum"
@@ -23,8 +25,6 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16"
                "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-class FormatError(ValueError):
-    """A file that is not a valid artifact: truncated, malformed, inconsistent or corrupted."""
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,6 @@ def encode_container(tensors: dict[str, StoredTensor], metadata: dict[str, str])
     marker = f'"{CHECKSUM_KEY}":"{_ZERO_DIGEST}"'.encode()
     signed_header = header.replace(marker, f'"{CHECKSUM_KEY}":"{digest}"'.encode(), 1)
     return len(header).to_bytes(8, "little") + signed_header + body
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it: never a partial file."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _reject_duplicates(pairs):
