@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import formats
 import formats.artifact
 import formats.container
+from formats.errors import OutputError
 from cli.main import main
 from compress.data import load_data
 from compress.models import build_model
@@ -126,7 +127,7 @@ def test_a_failed_write_leaves_no_file_and_keeps_an_existing_artifact(finished_r
 
     out = tmp_path / "a.cpk"
     monkeypatch.setattr(formats.container.os, failing, fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         pack_run(finished_run("prune"), out)
     assert list(tmp_path.iterdir()) == []
 
@@ -134,7 +135,7 @@ def test_a_failed_write_leaves_no_file_and_keeps_an_existing_artifact(finished_r
     pack_run(finished_run("freeze"), out)
     before = out.read_bytes()
     monkeypatch.setattr(formats.container.os, failing, fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         pack_run(finished_run("prune"), out)
     assert list(tmp_path.iterdir()) == [out]
     assert out.read_bytes() == before
