@@ -1,6 +1,7 @@
 """The run configuration: one dataclass, loaded from YAML/TOML files and command-line overrides."""
 from __future__ import annotations
 
+from compress.errors import UserError
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
@@ -73,10 +74,10 @@ class RunConfig:
         method = METHODS.get(config.method)
         if method.score is None:
             if config.density not in (None, 1.0):
-                raise ValueError(f"method 'dense' trains every weight; drop --density/--sparsity ({config.density})")
+                raise UserError(f"method 'dense' trains every weight; drop --density/--sparsity ({config.density})")
             config.density = 1.0
         if config.density is None:
-            raise ValueError("give the fraction of weights to train: --density D or --sparsity S (= 1 - D)")
+            raise UserError("give the fraction of weights to train: --density D or --sparsity S (= 1 - D)")
         config.density = check_density(config.density)
         config.score = config.score or method.score
         if isinstance(config.scores, str):
@@ -84,43 +85,43 @@ class RunConfig:
         if config.score == "cops":
             config.scores = config.scores or ["snip", "grasp"]
             if len(config.scores) != 2:
-                raise ValueError(f"COPS combines exactly two scores (--scores A,B), got {len(config.scores)}: "
+                raise UserError(f"COPS combines exactly two scores (--scores A,B), got {len(config.scores)}: "
                                  f"{','.join(config.scores)}; more than two is not implemented yet")
             for name in config.scores:
                 SCORES.get(name)
             if isinstance(config.gamma, bool) or not isinstance(config.gamma, (int, float)) or not 0 <= config.gamma <= 1:
-                raise ValueError(f"gamma must be in [0, 1], got {config.gamma!r}")
+                raise UserError(f"gamma must be in [0, 1], got {config.gamma!r}")
         elif config.scores:
-            raise ValueError("--scores combines scores with COPS; use it with --method cops")
+            raise UserError("--scores combines scores with COPS; use it with --method cops")
         elif config.score is not None:
             SCORES.get(config.score)
         config.mode = config.mode or method.mode
         if config.mode not in MODES:
-            raise ValueError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
+            raise UserError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
         if config.scope not in SCOPES:
-            raise ValueError(f"unknown scope {config.scope!r}; known: {', '.join(SCOPES)}")
+            raise UserError(f"unknown scope {config.scope!r}; known: {', '.join(SCOPES)}")
         if config.on_collapse not in ON_COLLAPSE:
-            raise ValueError(f"unknown on-collapse {config.on_collapse!r}; known: {', '.join(ON_COLLAPSE)}")
+            raise UserError(f"unknown on-collapse {config.on_collapse!r}; known: {', '.join(ON_COLLAPSE)}")
         config.seed = check_seed(config.seed)
         if config.basis not in ("dct", "spatial"):
-            raise ValueError(f"unknown basis {config.basis!r}; known: dct, spatial")
+            raise UserError(f"unknown basis {config.basis!r}; known: dct, spatial")
         if not config.interspace and (config.basis != "dct" or config.fixed_basis):
-            raise ValueError("--basis and --fixed-basis apply to interspace pruning; add --interspace")
+            raise UserError("--basis and --fixed-basis apply to interspace pruning; add --interspace")
         for name in ("score_batches", "score_batch_size"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if config.subset is not None and (not isinstance(config.subset, int) or config.subset < 1):
-            raise ValueError(f"subset must be a positive integer, got {config.subset!r}")
+            raise UserError(f"subset must be a positive integer, got {config.subset!r}")
         if not (isinstance(config.val_split, (int, float)) and 0 <= config.val_split < 1):
-            raise ValueError(f"val-split must be in [0, 1), got {config.val_split!r}")
+            raise UserError(f"val-split must be in [0, 1), got {config.val_split!r}")
         if config.data_root is not None and not Path(config.data_root).is_dir():
-            raise ValueError(
+            raise UserError(
                 f"data root {config.data_root} does not exist; create it, point --data-root at the folder that "
                 "holds the data set, or leave it out to use the default cache"
             )
         if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
-            raise ValueError(f"unknown device {config.device!r}; use auto, cpu or cuda[:N]")
+            raise UserError(f"unknown device {config.device!r}; use auto, cpu or cuda[:N]")
         defaults = MODEL_DEFAULTS.get(config.model, TV_DEFAULTS)
         base = TrainSettings()
         for name in TRAIN_FIELDS:
@@ -149,14 +150,14 @@ def config_from_dict(values: dict, source: str = "config") -> RunConfig:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in CONFIG_FIELDS + ["sparsity"]:
-            raise ValueError(f"{source}: unknown key {key!r}; known: {', '.join(CONFIG_FIELDS + ['sparsity'])}")
+            raise UserError(f"{source}: unknown key {key!r}; known: {', '.join(CONFIG_FIELDS + ['sparsity'])}")
         clean[name] = value
     if "sparsity" in clean:
         if clean.get("density") is not None:
-            raise ValueError(f"{source}: give density or sparsity, not both")
+            raise UserError(f"{source}: give density or sparsity, not both")
         sparsity = clean.pop("sparsity")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"{source}: sparsity must be in [0, 1) (the fraction of weights not trained), got {sparsity!r}")
+            raise UserError(f"{source}: sparsity must be in [0, 1) (the fraction of weights not trained), got {sparsity!r}")
         clean["density"] = 1.0 - float(sparsity)
     if isinstance(clean.get("data_shape"), str):
         clean["data_shape"] = parse_shape(clean["data_shape"])
@@ -167,7 +168,7 @@ def parse_shape(text: str) -> list[int]:
     """'3x32x32' -> [3, 32, 32]."""
     parts = str(text).lower().split("x")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"data shape must look like CxHxW with positive integers (e.g. 3x32x32), got {text!r}")
+        raise UserError(f"data shape must look like CxHxW with positive integers (e.g. 3x32x32), got {text!r}")
     return [int(p) for p in parts]
 
 
@@ -175,26 +176,26 @@ def read_config_file(path: str | Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
         try:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+            raise UserError(f"config file {path} is not valid TOML: {error}") from None
     elif path.suffix in (".yaml", ".yml"):
         import yaml
 
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+            raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+        raise UserError(f"config file {path} must end in .yaml, .yml or .toml")
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+        raise UserError(f"config file {path} must hold a mapping of option names to values")
     return values
 
 

@@ -30,6 +30,7 @@ More than two scores: not implemented; ``combine_many`` raises a clear error for
 """
 from __future__ import annotations
 
+from compress.errors import UserError, UserTypeError
 from dataclasses import dataclass
 
 import torch
@@ -54,17 +55,17 @@ class RelaxedSolution:
 
 def _check_inputs(s1: torch.Tensor, s2: torch.Tensor, k: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.is_tensor(s1) or not torch.is_tensor(s2):
-        raise TypeError("scores must be torch tensors")
+        raise UserTypeError("scores must be torch tensors")
     if s1.dim() != 1 or s2.dim() != 1 or s1.numel() != s2.numel():
-        raise ValueError(f"scores must be flat tensors of equal length, got shapes {tuple(s1.shape)} and {tuple(s2.shape)}")
+        raise UserError(f"scores must be flat tensors of equal length, got shapes {tuple(s1.shape)} and {tuple(s2.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= s1.numel():
-        raise ValueError(f"k must be an integer in [0, {s1.numel()}], got {k!r}")
+        raise UserError(f"k must be an integer in [0, {s1.numel()}], got {k!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        raise UserError(f"gamma must be in [0, 1], got {gamma!r}")
     a, b = s1.detach().double().cpu(), s2.detach().double().cpu()
     for name, value in (("s1", a), ("s2", b)):
         if not torch.isfinite(value).all():
-            raise ValueError(f"score {name} has non-finite entries (nan or inf); COPS needs finite scores")
+            raise UserError(f"score {name} has non-finite entries (nan or inf); COPS needs finite scores")
     return a, b
 
 
@@ -229,7 +230,7 @@ def combine(s1: torch.Tensor, s2: torch.Tensor, k: int, gamma: float) -> torch.T
 def combine_many(scores: list[torch.Tensor], k: int, gamma: float) -> torch.Tensor:
     """COPS for a list of scores: two are supported; more raise a clear error."""
     if len(scores) != 2:
-        raise ValueError(f"COPS combines exactly two scores (got {len(scores)}); more than two is not implemented yet")
+        raise UserError(f"COPS combines exactly two scores (got {len(scores)}); more than two is not implemented yet")
     return combine(scores[0], scores[1], k, gamma)
 
 

@@ -20,6 +20,7 @@ Downloads go to a temporary folder inside ``root`` that is moved into place only
 """
 from __future__ import annotations
 
+from compress.errors import UserError, UserTypeError
 import contextlib
 import gzip
 import io
@@ -89,22 +90,22 @@ class Split:
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
-            raise TypeError(f"Split x and y must be tensors, got {type(self.x).__name__} and {type(self.y).__name__}")
+            raise UserTypeError(f"Split x and y must be tensors, got {type(self.x).__name__} and {type(self.y).__name__}")
         if self.x.dim() != 4:
-            raise ValueError(f"Split x must be (N, C, H, W), got shape {tuple(self.x.shape)}")
+            raise UserError(f"Split x must be (N, C, H, W), got shape {tuple(self.x.shape)}")
         if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
-            raise ValueError(f"Split y must be ({self.x.shape[0]},), got shape {tuple(self.y.shape)}")
+            raise UserError(f"Split y must be ({self.x.shape[0]},), got shape {tuple(self.y.shape)}")
         if self.x.dtype != torch.uint8 and not self.x.is_floating_point():
-            raise TypeError(f"Split x must be uint8 or floating point, got {self.x.dtype}")
+            raise UserTypeError(f"Split x must be uint8 or floating point, got {self.x.dtype}")
         if self.y.dtype != torch.int64:
             self.y = self.y.long()
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
         c = self.x.shape[1]
         if len(self.mean) != c or len(self.std) != c:
-            raise ValueError(f"Split mean/std need {c} channel values, got {len(self.mean)} and {len(self.std)}")
+            raise UserError(f"Split mean/std need {c} channel values, got {len(self.mean)} and {len(self.std)}")
         if any(not s > 0 for s in self.std):
-            raise ValueError(f"Split std values must be positive, got {self.std}")
+            raise UserError(f"Split std values must be positive, got {self.std}")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -140,11 +141,11 @@ class Split:
         order each epoch. Augmentation happens only when ``train`` is true and the split has ``augment``.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-            raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+            raise UserTypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise UserTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         augment = bool(train and self.augment)
         if generator is None and (shuffle or augment):
             generator = torch.Generator().manual_seed(0)
@@ -220,18 +221,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt stream
-            raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+            raise UserError(f"{path}: not a readable gzip file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or not 1 <= raw[3] <= 4:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'none'})")
+        raise UserError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'none'})")
     dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+        raise UserError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     need = header + math.prod(dims) * dtype.itemsize
     if len(raw) != need:
         what = "truncated" if len(raw) < need else "too long"
-        raise ValueError(f"{path}: {what} IDX file: shape {dims} needs {need} bytes, file has {len(raw)}")
+        raise UserError(f"{path}: {what} IDX file: shape {dims} needs {need} bytes, file has {len(raw)}")
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
 
@@ -275,11 +276,11 @@ def find_idx_files(name: str, root: str | os.PathLike) -> dict[str, pathlib.Path
 def _split_from_idx(images: pathlib.Path, labels: pathlib.Path, mean, std) -> Split:
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3 or x.dtype != np.uint8:
-        raise ValueError(f"{images}: expected uint8 images of shape (N, H, W), got {x.dtype} {x.shape}")
+        raise UserError(f"{images}: expected uint8 images of shape (N, H, W), got {x.dtype} {x.shape}")
     if y.ndim != 1 or y.dtype != np.uint8:
-        raise ValueError(f"{labels}: expected uint8 labels of shape (N,), got {y.dtype} {y.shape}")
+        raise UserError(f"{labels}: expected uint8 labels of shape (N,), got {y.dtype} {y.shape}")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{labels}: {y.shape[0]} labels for {x.shape[0]} images in {images.name}")
+        raise UserError(f"{labels}: {y.shape[0]} labels for {x.shape[0]} images in {images.name}")
     return Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).long(), mean, std)
 
 
@@ -384,7 +385,7 @@ def _load_idx_set(name: str, root: pathlib.Path) -> Data:
     train = _split_from_idx(files["train_images"], files["train_labels"], mean, std)
     test = _split_from_idx(files["test_images"], files["test_labels"], mean, std)
     if train.shape != test.shape:
-        raise ValueError(f"{name}: train images are {train.shape} but test images {test.shape}")
+        raise UserError(f"{name}: train images are {train.shape} but test images {test.shape}")
     return Data(name, train, None, test, train.shape, 10)
 
 
@@ -457,7 +458,7 @@ def _scan_folder(path: pathlib.Path):
     try:
         ds = tvd.ImageFolder(str(path), loader=lambda p: p)
     except FileNotFoundError as e:
-        raise ValueError(f"imagefolder: no images under {path} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"imagefolder: no images under {path} ({str(e).splitlines()[0]})") from None
     return ds.samples, ds.classes
 
 
@@ -473,7 +474,7 @@ def _load_images(files: list[str], shape: tuple[int, int, int]) -> torch.Tensor:
                 im = im.convert(mode).resize((w, h), Image.BILINEAR)
                 out[i] = np.asarray(im, dtype=np.uint8).reshape(h, w, c)
         except OSError as e:
-            raise ValueError(f"imagefolder: cannot read image {f}: {e}") from None
+            raise UserError(f"imagefolder: cannot read image {f}: {e}") from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -498,20 +499,20 @@ def _imagefolder(
     num_classes: int | None = None, **_,
 ) -> Data:
     if not arg:
-        raise ValueError("imagefolder needs a path: use 'imagefolder:PATH'")
+        raise UserError("imagefolder needs a path: use 'imagefolder:PATH'")
     path = pathlib.Path(arg).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"imagefolder: directory {path} does not exist")
     shape = shape or (3, 32, 32)
     if shape[0] not in (1, 3):
-        raise ValueError(f"imagefolder: shape needs 1 (grayscale) or 3 (RGB) channels, got {shape}")
+        raise UserError(f"imagefolder: shape needs 1 (grayscale) or 3 (RGB) channels, got {shape}")
     test_dir = next((path / d for d in ("test", "val") if (path / d).is_dir()), None)
     if (path / "train").is_dir() and test_dir is not None:
         train_samples, classes = _scan_folder(path / "train")
         test_samples, test_classes = _scan_folder(test_dir)
         unknown = sorted(set(test_classes) - set(classes))
         if unknown:
-            raise ValueError(f"imagefolder: classes {unknown} in {test_dir} are not in {path / 'train'}")
+            raise UserError(f"imagefolder: classes {unknown} in {test_dir} are not in {path / 'train'}")
         remap = [classes.index(cl) for cl in test_classes]
         test_samples = [(f, remap[t]) for f, t in test_samples]
     else:
@@ -524,11 +525,11 @@ def _imagefolder(
             n_test = int(math.floor(0.2 * len(members) + 0.5))
             test_mask[members[torch.randperm(len(members), generator=g)[:n_test]]] = True
         if not test_mask.any() or test_mask.all():
-            raise ValueError(f"imagefolder: {len(samples)} images under {path} are too few to carve a 20% test split")
+            raise UserError(f"imagefolder: {len(samples)} images under {path} are too few to carve a 20% test split")
         train_samples = [s for s, t in zip(samples, test_mask.tolist()) if not t]
         test_samples = [s for s, t in zip(samples, test_mask.tolist()) if t]
     if num_classes is not None and num_classes != len(classes):
-        raise ValueError(f"imagefolder: num_classes={num_classes} but {path} has {len(classes)} class folders")
+        raise UserError(f"imagefolder: num_classes={num_classes} but {path} has {len(classes)} class folders")
     x_train = _load_images([f for f, _ in train_samples], shape)
     x_test = _load_images([f for f, _ in test_samples], shape)
     mean, std = _channel_stats(x_train)
@@ -604,6 +605,26 @@ def make_synthetic(
     )
 
 
+MAX_SYNTHETIC_ELEMENTS = 2**26  # bound on samples x C x H x W (256 MiB of float32), so any shape stays affordable
+
+
+def synthetic_sizes(shape: tuple[int, int, int], num_classes: int) -> tuple[int, int]:
+    """(train, test) sample counts of the synthetic set: 4096 and 1024, fewer for large inputs.
+
+    The counts shrink in proportion above ``MAX_SYNTHETIC_ELEMENTS`` pixel values in all (inputs larger
+    than 3x64x64), so that a large shape, maybe read from an untrusted artifact, cannot exhaust memory;
+    a shape whose class prototypes alone exceed the bound is refused.
+    """
+    c, h, w = shape
+    shift = max(1, round(0.1 * min(h, w)))
+    if 2 * num_classes * c * (h + 2 * shift) * (w + 2 * shift) > MAX_SYNTHETIC_ELEMENTS:
+        raise UserError(f"synthetic data of shape {c}x{h}x{w} with {num_classes} classes is too large to generate "
+                        f"(more than {MAX_SYNTHETIC_ELEMENTS:,} values); use a smaller --data-shape or fewer classes")
+    n_train, n_test = 4096, 1024
+    scale = min(1.0, MAX_SYNTHETIC_ELEMENTS / ((n_train + n_test) * c * h * w))
+    return max(2, int(n_train * scale)), max(1, int(n_test * scale))
+
+
 @DATASETS.register("synthetic")
 def _synthetic(
     root: pathlib.Path, *, shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
@@ -612,8 +633,9 @@ def _synthetic(
     shape = shape or (1, 28, 28)
     num_classes = 10 if num_classes is None else num_classes
     if num_classes < 2:
-        raise ValueError(f"synthetic: num_classes must be >= 2, got {num_classes}")
-    train, test = make_synthetic(shape, num_classes, seed=seed)
+        raise UserError(f"synthetic: num_classes must be >= 2, got {num_classes}")
+    n_train, n_test = synthetic_sizes(shape, num_classes)
+    train, test = make_synthetic(shape, num_classes, n_train, n_test, seed=seed)
     return Data("synthetic", train, None, test, tuple(shape), num_classes)
 
 
@@ -624,34 +646,34 @@ def _check_int(name: str, value, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise UserTypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def _check_shape(shape) -> tuple[int, int, int] | None:
     if shape is None:
         return None
     if not isinstance(shape, (tuple, list)) or len(shape) != 3:
-        raise TypeError(f"shape must be a (C, H, W) tuple, got {shape!r}")
+        raise UserTypeError(f"shape must be a (C, H, W) tuple, got {shape!r}")
     for s in shape:
         _check_int("shape entries", s)
     shape = tuple(int(s) for s in shape)
     if min(shape) < 1:
-        raise ValueError(f"shape must have positive entries, got {shape}")
+        raise UserError(f"shape must have positive entries, got {shape}")
     return shape  # type: ignore[return-value]
 
 
 def _resolve(name: str) -> tuple[str, str | None]:
     if not isinstance(name, str):
-        raise TypeError(f"data set name must be a str, got {type(name).__name__}")
+        raise UserTypeError(f"data set name must be a str, got {type(name).__name__}")
     key, sep, arg = name.partition(":")
     key = key.strip().lower().replace("_", "-")
     if key == "fashionmnist":
         key = "fashion-mnist"
     if key not in DATASETS:
         known = ", ".join("imagefolder:PATH" if n == "imagefolder" else n for n in DATASETS.names())
-        raise ValueError(f"unknown data set {name!r}; known: {known}")
+        raise UserError(f"unknown data set {name!r}; known: {known}")
     if sep and key != "imagefolder":
-        raise ValueError(f"data set {key!r} takes no ':' argument, got {name!r}")
+        raise UserError(f"data set {key!r} takes no ':' argument, got {name!r}")
     return key, (arg if sep else None)
 
 
@@ -678,17 +700,17 @@ def load_data(
     _check_int("subset", subset)
     _check_int("seed", seed, allow_none=False)
     if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
-        raise TypeError(f"val_split must be a float, got {type(val_split).__name__}")
+        raise UserTypeError(f"val_split must be a float, got {type(val_split).__name__}")
     if not 0.0 <= val_split < 1.0:
-        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+        raise UserError(f"val_split must be in [0, 1), got {val_split}")
     if num_classes is not None and num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UserError(f"num_classes must be >= 1, got {num_classes}")
     if key in _FIXED:
         fixed_shape, fixed_classes = _FIXED[key]
         if shape is not None and shape != fixed_shape:
-            raise ValueError(f"{key} has fixed shape {fixed_shape}; got shape={shape}")
+            raise UserError(f"{key} has fixed shape {fixed_shape}; got shape={shape}")
         if num_classes is not None and num_classes != fixed_classes:
-            raise ValueError(f"{key} has {fixed_classes} classes; got num_classes={num_classes}")
+            raise UserError(f"{key} has {fixed_classes} classes; got num_classes={num_classes}")
     root_path = pathlib.Path(root).expanduser() if root is not None else default_data_root()
 
     data = DATASETS.get(key)(root_path, arg=arg, shape=shape, num_classes=num_classes, seed=int(seed))
@@ -697,14 +719,14 @@ def load_data(
     train = data.train
     if subset is not None:
         if not 1 <= subset <= len(train):
-            raise ValueError(f"subset must be in 1..{len(train)} for {data.name}, got {subset}")
+            raise UserError(f"subset must be in 1..{len(train)} for {data.name}, got {subset}")
         train = train.select(torch.randperm(len(train), generator=g)[: int(subset)])
     val = None
     if val_split > 0:
         n = len(train)
         n_val = int(math.floor(val_split * n + 0.5))
         if n_val < 1 or n_val >= n:
-            raise ValueError(f"val_split={val_split} of {n} training samples leaves an empty train or val split")
+            raise UserError(f"val_split={val_split} of {n} training samples leaves an empty train or val split")
         perm = torch.randperm(n, generator=g)
         val = Split(train.x[perm[:n_val]], train.y[perm[:n_val]], train.mean, train.std, augment=False)
         train = train.select(perm[n_val:])

@@ -11,6 +11,7 @@ basis they are exactly the usual initial filters.
 """
 from __future__ import annotations
 
+from compress.errors import UserError
 import math
 
 import torch
@@ -40,7 +41,7 @@ def make_basis(name: str, size: int) -> torch.Tensor:
         return dct_basis(size)
     if name == "spatial":
         return spatial_basis(size)
-    raise ValueError(f"unknown basis {name!r}; known: {', '.join(BASES)}")
+    raise UserError(f"unknown basis {name!r}; known: {', '.join(BASES)}")
 
 
 def interspace_weight(coefficients: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class InterspaceConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, basis: torch.Tensor, trainable_basis: bool = True):
         super().__init__()
         if conv.kernel_size[0] != conv.kernel_size[1]:
-            raise ValueError(f"interspace pruning needs square kernels, got {conv.kernel_size}")
+            raise UserError(f"interspace pruning needs square kernels, got {conv.kernel_size}")
         size = conv.kernel_size[0]
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
@@ -94,7 +95,7 @@ def interspace_layers(model: nn.Module) -> list[str]:
 def to_interspace(model: nn.Module, basis: str = "dct", trainable_basis: bool = True) -> list[str]:
     """Replace, in place, every eligible convolution of ``model`` by an InterspaceConv2d; returns their names."""
     if basis not in BASES:
-        raise ValueError(f"unknown basis {basis!r}; known: {', '.join(BASES)}")
+        raise UserError(f"unknown basis {basis!r}; known: {', '.join(BASES)}")
     layers = interspace_layers(model)
     for name in layers:
         parent_name, _, child = name.rpartition(".")

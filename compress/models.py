@@ -1,6 +1,7 @@
 """Model builders: the papers' reference networks by name, and any torchvision classifier as ``tv:<name>``."""
 from __future__ import annotations
 
+from compress.errors import UserError, UserTypeError
 import contextlib
 from collections.abc import Sequence
 from typing import Callable
@@ -48,7 +49,7 @@ class LeNet5(nn.Module):
         self.conv2 = nn.Conv2d(20, 50, 5)
         fh, fw = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
         if fh < 1 or fw < 1:
-            raise ValueError(f"model 'lenet5' cannot take input shape {input_shape}: it needs at least 16x16")
+            raise UserError(f"model 'lenet5' cannot take input shape {input_shape}: it needs at least 16x16")
         self.fc1 = nn.Linear(50 * fh * fw, 500)
         self.fc2 = nn.Linear(500, num_classes)
 
@@ -196,7 +197,7 @@ def _adapt_input_channels(model: nn.Module, name: str, channels: int) -> None:
     if module.in_channels == channels:
         return
     if module.groups != 1:
-        raise ValueError(
+        raise UserError(
             f"cannot adapt the first convolution {path!r} of {TV_PREFIX}{name} to {channels} input channels: "
             f"it has groups={module.groups}"
         )
@@ -221,7 +222,7 @@ def _build_tv(name: str, input_shape: tuple[int, int, int], num_classes: int) ->
 
     known = _tv_classifiers()
     if name not in known:
-        raise ValueError(
+        raise UserError(
             f"unknown torchvision classification model {name!r} (from '{TV_PREFIX}{name}'); known include: "
             f"{', '.join(known[:8])}, ...; see all with "
             "torchvision.models.list_models(module=torchvision.models)"
@@ -237,20 +238,20 @@ def _build_tv(name: str, input_shape: tuple[int, int, int], num_classes: int) ->
 
 def _check_args(input_shape: object, num_classes: object) -> tuple[int, int, int]:
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        raise TypeError(f"input_shape must be a sequence of 3 ints (channels, height, width), got {input_shape!r}")
+        raise UserTypeError(f"input_shape must be a sequence of 3 ints (channels, height, width), got {input_shape!r}")
     if len(input_shape) != 3:
-        raise ValueError(
+        raise UserError(
             f"input_shape must have 3 entries (channels, height, width), got {len(input_shape)}: {tuple(input_shape)}"
         )
     for v in input_shape:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"input_shape entries must be ints, got {type(v).__name__} in {tuple(input_shape)!r}")
+            raise UserTypeError(f"input_shape entries must be ints, got {type(v).__name__} in {tuple(input_shape)!r}")
     if any(v < 1 for v in input_shape):
-        raise ValueError(f"input_shape entries must be positive, got {tuple(input_shape)}")
+        raise UserError(f"input_shape entries must be positive, got {tuple(input_shape)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}")
+        raise UserTypeError(f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}")
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        raise UserError(f"num_classes must be at least 2, got {num_classes}")
     return tuple(int(v) for v in input_shape)  # type: ignore[return-value]
 
 
@@ -261,10 +262,10 @@ def _dry_run(model: nn.Module, label: str, input_shape: tuple[int, int, int], nu
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape, device="meta"))
     except (RuntimeError, AssertionError, ValueError, IndexError, NotImplementedError) as exc:
-        raise ValueError(f"model {label!r} cannot take input shape {input_shape}: {exc}") from exc
+        raise UserError(f"model {label!r} cannot take input shape {input_shape}: {exc}") from exc
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise UserError(
             f"model {label!r} on input shape {input_shape} gives output {got}, expected (batch, {num_classes})"
         )
 
@@ -276,8 +277,8 @@ def _construct(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.M
         try:
             return MODELS.get(name)(shape, num_classes)
         except RuntimeError as exc:
-            raise ValueError(f"model {name!r} cannot take input shape {shape}: {exc}") from exc
-    raise ValueError(
+            raise UserError(f"model {name!r} cannot take input shape {shape}: {exc}") from exc
+    raise UserError(
         f"unknown model {name!r}; known: {', '.join(MODELS.names())}; "
         f"or any torchvision classifier as '{TV_PREFIX}<torchvision name>' (e.g. '{TV_PREFIX}resnet18')"
     )
@@ -292,7 +293,7 @@ def build_model(
     ``device="meta"`` the model has shapes but no storage (for loaders that assign weights later).
     """
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+        raise UserTypeError(f"model name must be a str, got {type(name).__name__}")
     shape = _check_args(input_shape, num_classes)
     with torch.device("meta"):
         probe = _construct(name, shape, num_classes)

@@ -1,7 +1,9 @@
 """Pack a finished run directory into one artifact holding only what was trained (formats/SPEC.md)."""
 from __future__ import annotations
 
+from compress.errors import UserError
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +17,48 @@ from compress.interspace import to_interspace, to_standard_state_dict
 from compress.models import build_model
 from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
 from formats.artifact import VALUE_DTYPES, write_artifact
-from formats.container import write_atomic
+from formats.atomic import write_atomic
+from formats.errors import OutputError
 
 MANIFEST_CONFIG_KEYS = ("data", "subset", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
                         "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma")
 
 
+SUMMARY_KEYS = ("model", "input_shape", "num_classes", "mode", "method", "score", "scope", "density",
+                "requested_density", "trained_params", "total_params", "test_acc")
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {what} {path}: {error}") from None
+        raise UserError(f"cannot read {what} {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path} is not a JSON object; the run directory is damaged: rerun it")
+    return value
+
+
+def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A run directory's safetensors file; a damaged one is the user's to fix, not a crash."""
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for damaged files
+        raise UserError(f"cannot read {what} {path} ({_one_line(error)}); the run directory is damaged: "
+                        "resume or rerun the run") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def check_output_file(out: Path, force: bool, option: str = "--force") -> None:
+    """Fail before any work when ``out`` cannot be written, or exists and ``force`` was not given."""
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; give a file name such as {out / 'model.cpk'}")
+    if not out.parent.is_dir():
+        raise OutputError(f"cannot write {out}: directory {out.parent} does not exist")
+    if os.path.lexists(out) and not force:
+        raise OutputError(f"{out} already exists; choose another name, or pass {option} to replace it")
 
 
 def check_run_consistency(state: dict, masks: dict, mode: str, seed: int, model: torch.nn.Module) -> None:
@@ -39,31 +72,34 @@ def check_run_consistency(state: dict, masks: dict, mode: str, seed: int, model:
             expected = rules[name].generate(seed, name, state[name].shape)[~mask]
         if not torch.equal(untrained, expected):
             what = "zero" if mode == "prune" else "their seeded initial value"
-            raise ValueError(f"run is inconsistent: untrained entries of {name} are not {what}")
+            raise UserError(f"run is inconsistent: untrained entries of {name} are not {what}")
 
 
-def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16") -> dict:
-    """Write the artifact of the finished run in ``run_dir`` to ``out`` (atomically); returns its report."""
+def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False) -> dict:
+    """Write the artifact of the finished run in ``run_dir`` to ``out`` (atomically); returns its report.
+
+    An existing ``out`` is replaced only with ``force``."""
     import compress
     import formats
 
     run_dir, out = Path(run_dir), Path(out)
     if values not in VALUE_DTYPES:
-        raise ValueError(f"unknown --values {values!r}; known: {', '.join(VALUE_DTYPES)}")
+        raise UserError(f"unknown --values {values!r}; known: {', '.join(VALUE_DTYPES)}")
     if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} does not exist")
+        raise UserError(f"run directory {run_dir} does not exist")
     if not (run_dir / "summary.json").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise ValueError(f"{run_dir} is not a finished run (no summary.json/model.safetensors); finish it with "
+        raise UserError(f"{run_dir} is not a finished run (no summary.json/model.safetensors); finish it with "
                          f"compress train --resume {run_dir}")
-    if out.exists() and out.is_dir():
-        raise ValueError(f"output {out} is a directory; give a file name such as {out / 'model.cpk'}")
-    if not out.parent.is_dir():
-        raise ValueError(f"cannot write {out}: directory {out.parent} does not exist")
+    check_output_file(out, force)
     config = _read_json(run_dir / "config.json", "run config")
     summary = _read_json(run_dir / "summary.json", "run summary")
-    state = load_file(str(run_dir / "model.safetensors"))
+    missing = [key for key in SUMMARY_KEYS if key not in summary] + (["seed"] if "seed" not in config else [])
+    if missing:
+        raise UserError(f"{run_dir} lacks {', '.join(missing)} in summary.json/config.json; the run directory is "
+                        "damaged or from another tool: rerun it")
+    state = _read_tensors(run_dir / "model.safetensors", "trained model")
     masks_path = run_dir / "masks.safetensors"
-    masks = {k: v.bool() for k, v in load_file(str(masks_path)).items()} if masks_path.is_file() else {}
+    masks = {k: v.bool() for k, v in _read_tensors(masks_path, "masks").items()} if masks_path.is_file() else {}
     architecture = {"model": summary["model"], "input_shape": summary["input_shape"],
                     "num_classes": summary["num_classes"]}
     model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"])
@@ -73,8 +109,11 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16") -> dict
         architecture["interspace"] = {"layers": list(interspace["layers"])}
     reference = model.state_dict()
     if sorted(state) != sorted(reference) or any(state[k].shape != reference[k].shape for k in reference):
-        raise ValueError(f"{run_dir}/model.safetensors does not match the architecture {architecture['model']}")
+        raise UserError(f"{run_dir}/model.safetensors does not match the architecture {architecture['model']}")
     state = {name: state[name] for name in reference}  # the model's own order
+    bad = sorted(name for name, mask in masks.items() if name not in state or mask.shape != state[name].shape)
+    if bad:
+        raise UserError(f"{masks_path} has masks that do not fit the model: {bad}; the run directory is damaged")
     mode = summary["mode"] if masks else "dense"
     check_run_consistency(state, masks, mode, config["seed"], model)
     rules = {name: rule.as_dict() for name, rule in init_rules(model).items()}
@@ -95,44 +134,57 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16") -> dict
         manifest=manifest, values=values, dense_fp32_bytes=dense_bytes,
         generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION},
     )
-    write_atomic(out, data)
+    write_atomic(out, data, overwrite=force)
     return formats.read_info(out)
 
 
-def pack_and_report(run_dir: str | Path, out: str | Path, values: str = "fp16") -> str:
+def pack_and_report(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False) -> str:
     """What ``compress pack`` does: pack, then the storage report as text."""
     from formats.report import format_info
 
-    info = pack_run(run_dir, out, values)
+    info = pack_run(run_dir, out, values, force)
     return f"wrote {out}\n" + format_info(info)
 
 
 def evaluate_artifact(path: str | Path, data: str | None, data_root: str | None, batch_size: int,
                       device: str = "auto") -> str:
-    """What ``compress eval`` does: load the packed model and report test accuracy."""
+    """What ``compress eval`` does: load the packed model, then report its test accuracy.
+
+    The model is loaded (and so the whole artifact checked) before any data. Without ``data``, the data
+    set named in the artifact is used only if it is a built-in name: a path from a file (``imagefolder:``)
+    is never opened unless the user passes it with ``--data``.
+    """
     import formats
-    from compress.data import load_data
+    from compress.data import DATASETS, load_data
     from compress.run import resolve_device
     from compress.training import evaluate
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch-size must be a positive integer, got {batch_size}")
+    if data_root is not None and not Path(data_root).is_dir():
+        raise UserError(f"data root {data_root} does not exist")
+    torch_device = resolve_device(device)
     info = formats.read_info(path)
     schema = info["schema"]
-    name = data or schema["manifest"].get("config", {}).get("data")
-    if not name:
-        raise ValueError("the artifact does not name its data set; pass --data")
-    if data_root is not None and not Path(data_root).is_dir():
-        raise ValueError(f"data root {data_root} does not exist")
-    if isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch-size must be a positive integer, got {batch_size}")
+    model = formats.load(path)
+    name = data
+    if name is None:
+        named = schema["manifest"].get("config", {}).get("data") if isinstance(schema["manifest"].get("config"), dict) else None
+        if not isinstance(named, str) or not named:
+            raise UserError("the artifact does not name its data set; pass --data")
+        if named.partition(":")[0] not in DATASETS or named.startswith("imagefolder"):
+            shown = named if len(named) <= 80 and named.isprintable() else repr(named[:80]) + "..."
+            raise UserError(f"the artifact was trained on {shown}, which is not a built-in data set; a path named "
+                            "in an artifact is never opened: pass the data with --data (e.g. --data imagefolder:PATH)")
+        name = named
     architecture = schema["architecture"]
     shape = tuple(architecture["input_shape"])
     loaded = load_data(name, data_root, seed=schema["seed"], shape=shape if name == "synthetic" or name.startswith("imagefolder:") else None,
                        num_classes=architecture["num_classes"] if name == "synthetic" else None)
     if tuple(loaded.input_shape) != shape or loaded.num_classes != architecture["num_classes"]:
-        raise ValueError(f"data set {name} has inputs {loaded.input_shape} and {loaded.num_classes} classes; the "
-                         f"model expects {shape} and {architecture['num_classes']}")
-    torch_device = resolve_device(device)
-    model = formats.load(path).to(torch_device)
+        raise UserError(f"data set {name} has inputs {loaded.input_shape} and {loaded.num_classes} classes; the "
+                        f"model expects {shape} and {architecture['num_classes']}")
+    model = model.to(torch_device)
     result = evaluate(model, loaded.test, batch_size, torch_device)
     return (f"{path}: test accuracy {result['acc']:.2%} (loss {result['loss']:.4f}) on {len(loaded.test):,} "
             f"samples of {name}")

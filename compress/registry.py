@@ -1,6 +1,7 @@
 """A name -> object registry whose unknown-name error lists the known names."""
 from __future__ import annotations
 
+from compress.errors import UserError
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -26,7 +27,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+            raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:

@@ -14,6 +14,7 @@ Philox block function (Random123's vectors) and golden hashes pin the whole stre
 """
 from __future__ import annotations
 
+from compress.errors import UserError, UserTypeError
 import hashlib
 import math
 
@@ -36,9 +37,9 @@ _BLOCKS_PER_CHUNK = 1 << 16
 def check_seed(seed: object) -> int:
     """Return ``seed`` if it is an int in [0, 2**32), else raise a precise error."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer in [0, 2**32), got {type(seed).__name__}")
+        raise UserTypeError(f"seed must be an integer in [0, 2**32), got {type(seed).__name__}")
     if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32) (a 32-bit unsigned integer), got {seed}")
+        raise UserError(f"seed must be in [0, 2**32) (a 32-bit unsigned integer), got {seed}")
     return int(seed)
 
 
@@ -74,7 +75,7 @@ def stream_key(seed: int, name: str) -> tuple[int, int]:
 def random_uint32(seed: int, name: str, count: int) -> np.ndarray:
     """The first ``count`` uint32 words of the stream of ``(seed, name)``."""
     if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
+        raise UserError(f"count must be >= 0, got {count}")
     key = stream_key(seed, name)
     total_blocks = (count + 3) // 4
     words = np.empty((total_blocks, 4), dtype=np.uint32)

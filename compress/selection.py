@@ -7,6 +7,7 @@ parameter, then lower flat index), so a selection is deterministic on every mach
 """
 from __future__ import annotations
 
+from compress.errors import UserError, UserTypeError
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +46,9 @@ class Plan:
 
 def check_density(density: object) -> float:
     if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density must be a number in (0, 1], got {type(density).__name__}")
+        raise UserTypeError(f"density must be a number in (0, 1], got {type(density).__name__}")
     if not 0.0 < float(density) <= 1.0:
-        raise ValueError(
+        raise UserError(
             f"density must be in (0, 1] (the fraction of weights trained), got {density}; "
             "sparsity = 1 - density"
         )
@@ -56,7 +57,7 @@ def check_density(density: object) -> float:
 
 def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(choices)}")
+        raise UserError(f"unknown {kind} {value!r}; known: {', '.join(choices)}")
     return str(value)
 
 
@@ -80,7 +81,7 @@ def top_k_masks(scores: dict[str, torch.Tensor], density: float, scope: str) -> 
     check_choice("scope", scope, SCOPES)
     for name, value in scores.items():
         if not torch.isfinite(value).all():
-            raise ValueError(f"score of {name} has non-finite entries (nan or inf); cannot select")
+            raise UserError(f"score of {name} has non-finite entries (nan or inf); cannot select")
     if scope == "layer":
         return {
             name: _top_k_flat(value.detach().flatten().double().cpu(), round(density * value.numel()))
@@ -103,5 +104,5 @@ def select(
     """Turn scores into a Plan: the top entries at ``density`` are trained, the rest pruned or frozen."""
     check_choice("mode", mode, MODES)
     if not scores:
-        raise ValueError("nothing to select: no compressible parameters were scored")
+        raise UserError("nothing to select: no compressible parameters were scored")
     return Plan(mode=mode, masks=top_k_masks(scores, density, scope), density=density, scope=scope, score=score)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.selection import Plan
+from formats.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
@@ -52,23 +53,23 @@ class TrainSettings:
                          "eval_every": self.eval_every}
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise UserError(f"lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.weight_decay < 1:
-            raise ValueError(f"weight-decay must be in [0, 1), got {self.weight_decay!r}")
+            raise UserError(f"weight-decay must be in [0, 1), got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr-decay must be in (0, 1], got {self.lr_decay!r}")
+            raise UserError(f"lr-decay must be in (0, 1], got {self.lr_decay!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+            raise UserError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+            raise UserError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov needs --optimizer sgd with a momentum > 0")
+            raise UserError("nesterov needs --optimizer sgd with a momentum > 0")
         if any(not isinstance(m, int) or m < 1 for m in self.milestones):
-            raise ValueError(f"milestones must be positive epoch numbers, got {self.milestones!r}")
+            raise UserError(f"milestones must be positive epoch numbers, got {self.milestones!r}")
         return self
 
     def evaluates_after(self, epoch: int) -> bool:
@@ -151,6 +152,15 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) 
             tensor = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"optimizer/{names[id(param)]}/{key}"] = tensor.detach().cpu().contiguous()
     return tensors
+
+
+def optimizer_state_keys(settings: TrainSettings) -> set[str]:
+    """The per-parameter state keys the optimizer of ``settings`` keeps after a step (a resume checks them)."""
+    probe = nn.Linear(1, 1, bias=False)
+    optimizer = make_optimizer(probe, settings, [])
+    probe.weight.grad = torch.ones_like(probe.weight)
+    optimizer.step()
+    return {key for key, value in optimizer.state[probe.weight].items() if value is not None}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]):

@@ -16,3 +16,7 @@ class FormatError(UserError):
 
 class OutputError(UserError):
     """An output cannot be written (exists, read-only, disk full, not a directory); nothing was left behind."""
+
+
+class UserTypeError(UserError, TypeError):
+    """An argument of the wrong type from the user (also a ``TypeError``, for Python callers)."""

@@ -116,7 +116,9 @@ def test_load_returns_a_plain_module_in_eval_mode(finished_run, packed, kind):
 def test_packing_the_same_run_twice_gives_identical_bytes(finished_run, packed, tmp_path):
     pack_run(finished_run("freeze"), tmp_path / "again.cpk")
     assert (tmp_path / "again.cpk").read_bytes() == packed("freeze").read_bytes()
-    pack_run(finished_run("freeze"), tmp_path / "again.cpk")  # over an existing file
+    with pytest.raises(OutputError, match="already exists.*--force"):
+        pack_run(finished_run("freeze"), tmp_path / "again.cpk")  # never replaced unless told to
+    pack_run(finished_run("freeze"), tmp_path / "again.cpk", force=True)
     assert (tmp_path / "again.cpk").read_bytes() == packed("freeze").read_bytes()
 
 
@@ -136,7 +138,7 @@ def test_a_failed_write_leaves_no_file_and_keeps_an_existing_artifact(finished_r
     before = out.read_bytes()
     monkeypatch.setattr(formats.container.os, failing, fail)
     with pytest.raises(OutputError, match="disk full"):
-        pack_run(finished_run("prune"), out)
+        pack_run(finished_run("prune"), out, force=True)
     assert list(tmp_path.iterdir()) == [out]
     assert out.read_bytes() == before
 

@@ -6,6 +6,7 @@ it a private copy, so the caller's model is never touched (a classic bug of publ
 """
 from __future__ import annotations
 
+from compress.errors import UserError
 import copy
 from typing import Callable, Iterable, Protocol
 
@@ -47,9 +48,9 @@ def score(
     known = dict(model.named_parameters())
     unknown = [p for p in params if p not in known]
     if unknown:
-        raise ValueError(f"cannot score {unknown}: not parameters of the model")
+        raise UserError(f"cannot score {unknown}: not parameters of the model")
     if density is not None and not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise UserError(f"density must be in (0, 1], got {density}")
     scores = function(copy.deepcopy(model), batches, params, density=density, seed=seed)
     result = {}
     for param in params:
@@ -63,7 +64,7 @@ def score(
 def require_batches(name: str, batches: list[Batch]) -> None:
     """Data-driven scores need at least one batch."""
     if not batches:
-        raise ValueError(f"score {name!r} needs at least one data batch (set --score-batches >= 1)")
+        raise UserError(f"score {name!r} needs at least one data batch (set --score-batches >= 1)")
 
 
 def parameters_by_name(model: nn.Module, params: list[str]) -> list[nn.Parameter]:

@@ -8,6 +8,7 @@ pruned in an earlier round score 0, so the top-k of the returned score is the it
 """
 from __future__ import annotations
 
+from compress.errors import UserError
 import torch
 
 from compress.scores import SCORES, parameters_by_name
@@ -39,7 +40,7 @@ def input_shape_of(batches, model) -> tuple[int, ...]:
         return tuple(batches[0][0].shape[1:])
     shape = getattr(model, "input_shape", None)
     if shape is None:
-        raise ValueError("synflow needs the input shape: pass one batch (its labels are not used)")
+        raise UserError("synflow needs the input shape: pass one batch (its labels are not used)")
     return tuple(shape)
 
 

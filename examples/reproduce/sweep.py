@@ -181,7 +181,7 @@ def execute(run: Run, root: Path, threads: int, device: str = "auto") -> dict:
             summary = train_run(config, out, overwrite=not (same and finished), progress=False)
         artifact = out.with_suffix(".cpk")
         if stale_artifact(artifact, out):
-            pack_run(out, artifact)
+            pack_run(out, artifact, force=True)  # a stale artifact of this run is ours to replace
     totals = formats.read_info(artifact)["totals"]
     return {
         "part": run.part, "model": run.model, "method": run.method, "density": run.density, "seed": run.seed,

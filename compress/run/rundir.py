@@ -1,0 +1,85 @@
+"""The files of a run directory: their names, which names the project writes, and their atomic writers.
+
+Every file of a run directory is written through ``formats.atomic.write_atomic`` (temporary, fsync,
+rename, directory fsync), so a kill or a full disk leaves the old file or the whole new one.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from formats.atomic import write_atomic
+from formats.errors import UserError
+
+CONFIG_FILE = "config.json"
+MASKS_FILE = "masks.safetensors"
+PLAN_FILE = "plan.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = "compress.lock"
+
+RUN_FILES = (CONFIG_FILE, MASKS_FILE, PLAN_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, LOCK_FILE)
+
+# write_atomic's temporaries: .NAME.PID.RANDOM.tmp
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[0-9a-f]+\.tmp$")
+
+
+def is_project_file(path: Path) -> bool:
+    """Whether ``path`` is a plain file the project writes into a run directory (or a temporary of one)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    if path.name in RUN_FILES:
+        return True
+    match = _TEMPORARY.match(path.name)
+    return bool(match) and match["name"] in RUN_FILES
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """The names in ``directory`` that the project did not write, sorted (directories end in ``/``)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir() if not is_project_file(p))
+
+
+def is_run_directory(directory: Path) -> bool:
+    """A run directory of this project: it has a config.json and holds only files the project writes."""
+    return (directory / CONFIG_FILE).is_file() and not foreign_entries(directory)
+
+
+def name_list(names: list[str], limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c and 4 more``."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def write_json(path: Path, value) -> None:
+    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def read_json(path: Path, fix: str):
+    """The JSON value in ``path``; a missing or unreadable file is a ``UserError`` ending in ``fix``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path} ({error}); {fix}") from None
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); {fix}") from None
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    value = read_json(path, fix)
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
