@@ -1,8 +1,11 @@
 """The packed artifact format (SPEC.md): write, read, rebuild a plain ``torch.nn.Module``, report sizes.
 
 ``load(path)`` -> model in eval mode; ``load_state_dict(path)`` -> full state dict;
-``read_info(path)`` -> the byte report, without rebuilding any weight. Reading never unpickles and
-raises ``FormatError`` (a ``ValueError``) for every malformed, truncated or corrupted file.
+``read_info(path)`` -> the byte report, without rebuilding any weight. Reading never unpickles; any
+file that is not a valid artifact (malformed, truncated, corrupted, too large, or missing) raises
+``FormatError`` (a ``UserError``, so a ``ValueError``) and nothing else, at a cost bounded by the
+file's size and the declared model's size (SPEC.md section 4). ``max_elements`` bounds the model a
+loader rebuilds (default ``MAX_ELEMENTS`` = 2**28 entries, 1 GiB of float32).
 """
 from __future__ import annotations
 
@@ -19,8 +22,7 @@ from formats.artifact import (
     read_artifact,
     rebuild_state_dict,
 )
-from compress.interspace import to_standard_state_dict
-from formats.container import FormatError
+from formats.errors import FormatError, UserError
 
 
 def load_state_dict(path: str | Path, max_elements: int = MAX_ELEMENTS, factored: bool = False) -> dict[str, torch.Tensor]:
@@ -29,6 +31,8 @@ def load_state_dict(path: str | Path, max_elements: int = MAX_ELEMENTS, factored
     Interspace layers come as plain convolution weights W = lam F, as in ``load``; ``factored=True``
     returns their stored coefficients and bases instead (bit-identical to the run's model.safetensors).
     """
+    from compress.interspace import to_standard_state_dict
+
     artifact = read_artifact(path)
     state = rebuild_state_dict(artifact, max_elements=max_elements)
     layers = artifact.schema["architecture"].get("interspace", {}).get("layers", [])
@@ -37,6 +41,8 @@ def load_state_dict(path: str | Path, max_elements: int = MAX_ELEMENTS, factored
 
 def load(path: str | Path, max_elements: int = MAX_ELEMENTS) -> torch.nn.Module:
     """The rebuilt model, in eval mode: plain parameters, no hooks, no mask buffers."""
+    from compress.interspace import to_standard_state_dict
+
     artifact = read_artifact(path)
     state = rebuild_state_dict(artifact, max_elements=max_elements)
     layers = artifact.schema["architecture"].get("interspace", {}).get("layers", [])
@@ -63,4 +69,4 @@ def export_onnx(artifact: str | Path, path: str | Path, **options):
     return _export(artifact, path, **options)
 
 
-__all__ = ["export_onnx", "FormatError", "FORMAT_VERSION", "Artifact", "load", "load_state_dict", "read_info", "read_artifact"]
+__all__ = ["export_onnx", "FormatError", "UserError", "MAX_ELEMENTS", "FORMAT_VERSION", "Artifact", "load", "load_state_dict", "read_info", "read_artifact"]

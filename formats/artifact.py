@@ -6,16 +6,21 @@ the full state dict (frozen entries from the seed, each rebuilt tensor checked a
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from formats.container import FormatError, StoredTensor, decode_container, encode_container, parse_json
-from formats.mask_codec import MaskCodecError, decode_mask, encode_mask, mask_information_bits
+from formats.container import StoredTensor, encode_container, parse_json, read_container
+from formats.errors import FormatError, UserError
+from formats.mask_codec import MaskCodecError, check_mask_code, decode_mask, encode_mask, mask_information_bits
 
 FORMAT_NAME = "compress-artifact"
 FORMAT_VERSION = 2  # 2 adds interspace layers; files without them are still written as version 1
@@ -27,8 +32,12 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KNOWN_GENERATORS = {("philox4x32-10", 1)}
 DENSE_INTEGER_DTYPES = {"I64", "I32", "U8", "BOOL"}
-MAX_ELEMENTS = 2**31  # largest architecture a loader rebuilds unless told otherwise (8 GiB of float32)
+MAX_ELEMENTS = 2**28  # largest architecture a loader rebuilds unless told otherwise (1 GiB of float32)
 MAX_FILE_BYTES = 2**40
+MAX_INPUT_DIM = 2**16  # largest declared input channels, height or width
+MAX_INPUT_ELEMENTS = 2**24  # largest declared C * H * W
+MAX_DENSE_FP32_BYTES = 2**50
+_CHUNK = 1 << 20  # entries of a frozen tensor converted at a time
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -37,11 +46,15 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def tensor_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+def tensor_from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``dtype`` (a safetensors name) and ``shape`` holding one copy of the raw bytes ``data``."""
     torch_dtype = TORCH_DTYPES[dtype]
-    if not data:
+    if not len(data):
         return torch.zeros(shape, dtype=torch_dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape).clone()
+    raw = np.frombuffer(data, np.uint8)
+    if dtype == "BOOL":  # any nonzero byte is True, as in safetensors; torch must only see 0 and 1
+        return torch.from_numpy(raw != 0).reshape(shape)
+    return torch.from_numpy(raw.copy()).view(torch_dtype).reshape(shape)
 
 
 @dataclass
@@ -77,9 +90,9 @@ def write_artifact(
     (``{"kind": "uniform", "bound": b}``). Deterministic: the same inputs give the same bytes.
     """
     if values not in VALUE_DTYPES:
-        raise ValueError(f"unknown values dtype {values!r}; known: {', '.join(VALUE_DTYPES)}")
+        raise UserError(f"unknown values dtype {values!r}; known: {', '.join(VALUE_DTYPES)}")
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        raise UserError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     value_dtype = VALUE_DTYPES[values]
     stored: dict[str, StoredTensor] = {}
     entries = []
@@ -125,22 +138,32 @@ def write_artifact(
 
 
 def _sha256(tensor: torch.Tensor) -> str:
-    from compress.rng import tensor_sha256
+    """SHA-256 of a float32 tensor's little-endian bytes in C order, as ``compress.rng.tensor_sha256``
+    computes it, but hashed in place (no copy of the tensor)."""
+    return hashlib.sha256(np.ascontiguousarray(tensor.numpy(), dtype="<f4")).hexdigest()
 
-    return tensor_sha256(tensor)
+
+def initial_values(rule: dict, seed: int, name: str, count: int) -> np.ndarray:
+    """The ``count`` frozen initial values of a uniform rule, flat float32, exactly as
+    ``compress.rng.uniform`` draws them, but converted in place chunk by chunk: 4 bytes per entry
+    at peak instead of uniform's 12 (the SHA-256 of every rebuilt tensor checks the result)."""
+    from compress.rng import random_uint32
+
+    words = random_uint32(seed, rule.get("stream") or name, count)
+    out = words.view(np.float32)
+    bound = np.float32(rule["bound"])
+    for start in range(0, count, _CHUNK):
+        top24 = (words[start : start + _CHUNK] >> np.uint32(8)).astype(np.int32)
+        out[start : start + _CHUNK] = (top24 - np.int32(1 << 23)).astype(np.float32) * np.float32(2.0**-23) * bound
+    return out
 
 
-def rebuild_masked(entry: dict, mask: torch.Tensor, values: torch.Tensor, mode: str, seed: int, shape) -> torch.Tensor:
-    """Full float32 tensor: trained values where the mask is set, zero (prune) or init (freeze) elsewhere."""
-    if mode == "freeze":
-        from compress.init import InitRule
-
-        rule = entry["init"]
-        base = InitRule(rule["kind"], rule["bound"], rule.get("stream")).generate(seed, entry["name"], shape)
-        base = base.numpy().reshape(-1)
-    else:
-        base = np.zeros(math.prod(shape), dtype=np.float32)
-    base[mask.numpy()] = values.to(torch.float32).numpy()
+def rebuild_masked(entry: dict, mask, values: torch.Tensor, mode: str, seed: int, shape) -> torch.Tensor:
+    """Full float32 tensor: trained values where the mask (bool, numpy or torch) is set, zero (prune) or
+    init (freeze) elsewhere. Costs the 4-byte-per-entry result, plus the values."""
+    count = math.prod(shape)
+    base = initial_values(entry["init"], seed, entry["name"], count) if mode == "freeze" else np.zeros(count, np.float32)
+    base[np.asarray(mask).reshape(-1)] = values.to(torch.float32).numpy()
     return torch.from_numpy(base.reshape(shape))
 
 
@@ -175,14 +198,18 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
     _require(isinstance(generator_name, str) and type(generator_version) is int
              and (generator_name, generator_version) in KNOWN_GENERATORS,
              f"unknown generator {generator!r}; known: {sorted(KNOWN_GENERATORS)}")
-    _require(schema["dense_fp32_bytes"] >= 1, f"dense_fp32_bytes must be positive, got {schema['dense_fp32_bytes']}")
+    _require(_is_int(schema["dense_fp32_bytes"], 1, MAX_DENSE_FP32_BYTES),
+             f"dense_fp32_bytes must be in [1, 2**50], got {schema['dense_fp32_bytes']}")
     _require(schema["mode"] in MODES, f"unknown mode {schema['mode']!r}")
     _require(schema["values"] in VALUE_DTYPES.values(), f"unknown values dtype {schema['values']!r}")
     architecture = schema["architecture"]
     _require(isinstance(architecture.get("model"), str), "architecture has no model name")
     shape = architecture.get("input_shape")
-    _require(isinstance(shape, list) and len(shape) == 3 and all(_is_int(s, 1, 2**16) for s in shape),
-             f"architecture input_shape {shape!r} is not three positive integers")
+    _require(isinstance(shape, list) and len(shape) == 3 and all(_is_int(s, 1, MAX_INPUT_DIM) for s in shape),
+             f"architecture input_shape {shape!r} is not three integers in [1, {MAX_INPUT_DIM}]")
+    _require(math.prod(shape) <= MAX_INPUT_ELEMENTS,
+             f"architecture input_shape {shape} has {math.prod(shape):,} elements, above the limit of "
+             f"{MAX_INPUT_ELEMENTS:,}")
     _require(_is_int(architecture.get("num_classes"), 2, 2**24), "architecture num_classes is invalid")
     unknown = sorted(set(architecture) - {"model", "input_shape", "num_classes", "interspace"})
     _require(not unknown, f"architecture has unknown fields {unknown}")
@@ -193,6 +220,7 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
                  and spec["layers"] and all(isinstance(x, str) for x in spec["layers"])
                  and len(set(spec["layers"])) == len(spec["layers"]),
                  "architecture interspace must be {\"layers\": [distinct layer names]}")
+    _check_manifest(schema["manifest"], shape[0])
     expected_keys = set()
     names = set()
     for entry in schema["tensors"]:
@@ -237,24 +265,55 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
     _require(not extra, f"stored tensors not named by the schema: {extra}")
 
 
-def parse_artifact(data: bytes) -> Artifact:
-    """Parse and validate artifact bytes (no weight is rebuilt)."""
-    metadata, tensors = decode_container(data)
+def _is_number(value, low: float, high: float) -> bool:
+    return type(value) in (int, float) and low <= value <= high  # parse_json keeps floats finite
+
+
+def _check_manifest(manifest: dict, channels: int) -> None:
+    """The manifest is free-form, except the fields that readers use: ``test_acc`` (shown by ``info``)
+    and ``normalization`` (written into ONNX exports), checked so that no reader meets a bad value."""
+    accuracy = manifest.get("test_acc")
+    _require(accuracy is None or _is_number(accuracy, 0, 1),
+             f"manifest test_acc must be null or a number in [0, 1], got {str(accuracy)[:40]}")
+    norm = manifest.get("normalization", {})
+    _require(norm == {} or (isinstance(norm, dict) and set(norm) == {"mean", "std"}
+                            and all(isinstance(norm[key], list) and len(norm[key]) == channels for key in norm)
+                            and all(_is_number(v, -math.inf, math.inf) for v in norm["mean"])
+                            and all(_is_number(v, 0, math.inf) and v > 0 for v in norm["std"])),
+             f"manifest normalization must be {{}} or {{\"mean\": [numbers], \"std\": [positive numbers]}} "
+             f"with one entry per input channel ({channels})")
+
+
+def _parse(file, size: int, source: str) -> Artifact:
+    if size > MAX_FILE_BYTES:
+        raise FormatError(f"{source} is {size} bytes, larger than any artifact this reader accepts")
+    metadata, tensors, header_length = read_container(file, size, source, require=SCHEMA_KEY)
     _require(set(metadata) == {SCHEMA_KEY, "checksum"}, f"unexpected metadata keys {sorted(metadata)}")
     schema = parse_json(metadata[SCHEMA_KEY], "schema")
     _check_schema(schema, tensors)
-    header_bytes = 8 + int.from_bytes(data[:8], "little")
-    return Artifact(schema, tensors, header_bytes, len(data))
+    return Artifact(schema, tensors, 8 + header_length, size)
+
+
+def parse_artifact(data: bytes) -> Artifact:
+    """Parse and validate artifact bytes (no weight is rebuilt)."""
+    return _parse(io.BytesIO(data), len(data), "the data")
 
 
 def read_artifact(path: str | Path) -> Artifact:
+    """Parse and validate the artifact file ``path`` (no weight is rebuilt), reading it once.
+
+    Any file that is not a valid artifact, a missing one included, raises ``FormatError`` naming it.
+    """
     path = Path(path)
+    if not path.exists():
+        raise FormatError(f"artifact {path} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"artifact {path} does not exist")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise FormatError(f"{path} is {size} bytes, larger than any artifact this reader accepts")
-    return parse_artifact(path.read_bytes())
+        raise FormatError(f"{path} is not a file (a directory?); give an artifact file")
+    try:
+        with open(path, "rb") as file:
+            return _parse(file, os.fstat(file.fileno()).st_size, str(path))
+    except OSError as error:
+        raise FormatError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def build_architecture(architecture: dict, device: str | None = None, factored: bool = False) -> torch.nn.Module:
@@ -270,7 +329,7 @@ def build_architecture(architecture: dict, device: str | None = None, factored: 
     try:
         model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"],
                             device=device)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, RuntimeError) as error:
         raise FormatError(f"unknown or invalid architecture {architecture['model']!r}: {error}") from None
     if factored and "interspace" in architecture:
         layers = to_interspace(model, "spatial")
@@ -280,51 +339,85 @@ def build_architecture(architecture: dict, device: str | None = None, factored: 
     return model
 
 
-def decode_stored_mask(code: bytes, n: int, k: int, name: str) -> torch.Tensor:
+def decode_stored_mask(code, n: int, k: int, name: str) -> np.ndarray:
     """A mask with k in {0, n} is implied by (n, k) and stored as zero bytes; others are coded."""
     if k in (0, n):
         _require(len(code) == 0, f"mask of {name!r}: a mask with k = {k} of n = {n} must be stored as 0 bytes")
-        return torch.full((n,), k == n, dtype=torch.bool)
+        return np.full(n, k == n, dtype=bool)
     try:
-        return torch.from_numpy(decode_mask(code, n, k))
+        return decode_mask(code, n, k)
     except MaskCodecError as error:
         raise FormatError(f"mask of {name!r}: {error}") from None
+
+
+def _check_max_elements(max_elements) -> None:
+    if isinstance(max_elements, bool) or not isinstance(max_elements, numbers.Integral) or max_elements < 1:
+        raise UserError(f"max_elements must be a positive integer, got {max_elements!r}")
+
+
+def _check_against_architecture(schema: dict, tensors: dict[str, StoredTensor], reference: dict) -> None:
+    """The cheap checks of every tensor against the architecture, done before any tensor is rebuilt:
+    names, shapes, stored dtypes, counts, and each mask code's size against its n and k."""
+    listed = [entry["name"] for entry in schema["tensors"]]
+    _require(sorted(listed) == sorted(reference),
+             "the tensors of the artifact do not match the architecture: "
+             f"missing {sorted(set(reference) - set(listed))}, unexpected {sorted(set(listed) - set(reference))}")
+    for entry in schema["tensors"]:
+        name, target = entry["name"], reference[entry["name"]]
+        shape = tuple(target.shape)
+        if entry["kind"] == "dense":
+            stored = tensors[f"d:{name}"]
+            _require(stored.shape == shape, f"dense tensor {name!r} has shape {list(stored.shape)}, the architecture {list(shape)}")
+            expected = schema["values"] if target.is_floating_point() else DTYPE_NAMES.get(target.dtype)
+            _require(stored.dtype == expected, f"dense tensor {name!r} is stored as {stored.dtype}; the architecture's "
+                     f"{str(target.dtype).removeprefix('torch.')} tensor must be stored as {expected}")
+            continue
+        _require(target.is_floating_point(), f"masked tensor {name!r}: the architecture's tensor is not floating point")
+        _require(entry["n"] == math.prod(shape), f"masked tensor {name!r}: n = {entry['n']} but the architecture has {math.prod(shape)} entries")
+        if 0 < entry["k"] < entry["n"]:
+            try:
+                check_mask_code(tensors[f"m:{name}"].data, entry["n"], entry["k"])
+            except MaskCodecError as error:
+                raise FormatError(f"mask of {name!r}: {error}") from None
 
 
 def rebuild_state_dict(
     artifact: Artifact, model: torch.nn.Module | None = None, max_elements: int = MAX_ELEMENTS
 ) -> dict[str, torch.Tensor]:
-    """The full state dict: dense tensors as stored, masked ones rebuilt and hash-checked."""
+    """The full state dict: dense tensors as stored, masked ones rebuilt and hash-checked.
+
+    The architecture is built on the meta device (no storage) and everything cheap is checked first:
+    its element count against ``max_elements``, then every tensor (``_check_against_architecture``);
+    only then is each tensor rebuilt in turn and its hash compared before the next one is built.
+    """
+    _check_max_elements(max_elements)
     schema = artifact.schema
     model = build_architecture(schema["architecture"], device="meta", factored=True) if model is None else model
     reference = model.state_dict()
     elements = sum(t.numel() for t in reference.values())
     _require(elements <= max_elements, f"the architecture has {elements:,} elements, above the loader's limit of "
-             f"{max_elements:,}; pass max_elements= to load larger models")
-    listed = [entry["name"] for entry in schema["tensors"]]
-    _require(sorted(listed) == sorted(reference),
-             "the tensors of the artifact do not match the architecture: "
-             f"missing {sorted(set(reference) - set(listed))}, unexpected {sorted(set(listed) - set(reference))}")
+             f"{max_elements:,} ({4 * max_elements / 2**30:.3g} GiB of float32); if you trust this file, pass a "
+             "larger max_elements= to formats.load or formats.load_state_dict")
+    _check_against_architecture(schema, artifact.tensors, reference)
     state = {}
     for entry in schema["tensors"]:
         name = entry["name"]
-        shape = tuple(reference[name].shape)
+        target = reference[name]
         if entry["kind"] == "dense":
             stored = artifact.tensors[f"d:{name}"]
-            _require(stored.shape == shape, f"dense tensor {name!r} has shape {list(stored.shape)}, the architecture {list(shape)}")
-            tensor = tensor_from_bytes(stored.data, stored.dtype, shape)
-            state[name] = tensor.to(reference[name].dtype)
+            state[name] = tensor_from_bytes(stored.data, stored.dtype, stored.shape).to(target.dtype)
             continue
-        _require(entry["n"] == math.prod(shape), f"masked tensor {name!r}: n = {entry['n']} but the architecture has {math.prod(shape)} entries")
         mask = decode_stored_mask(artifact.tensors[f"m:{name}"].data, entry["n"], entry["k"], name)
-        _require(int(np.count_nonzero(mask.numpy())) == entry["k"], f"mask of {name!r} has {int(mask.sum())} set, the schema says {entry['k']}")
+        set_count = int(np.count_nonzero(mask))
+        _require(set_count == entry["k"], f"mask of {name!r} has {set_count} set, the schema says {entry['k']}")
         values_stored = artifact.tensors[f"v:{name}"]
         values = tensor_from_bytes(values_stored.data, values_stored.dtype, values_stored.shape)
-        rebuilt = rebuild_masked(entry, mask, values, schema["mode"], schema["seed"], shape)
+        rebuilt = rebuild_masked(entry, mask, values, schema["mode"], schema["seed"], tuple(target.shape))
+        del mask, values
         _require(_sha256(rebuilt) == entry["sha256"],
                  f"hash mismatch for {name!r}: the rebuilt tensor differs from the packed one (a different "
                  "generator or a corrupted value)")
-        state[name] = rebuilt.to(reference[name].dtype)
+        state[name] = rebuilt.to(target.dtype)
     return state
 
 

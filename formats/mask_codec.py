@@ -54,9 +54,12 @@ Requires ``1 <= R <= min(k, n - k + 1)``, ``1 <= mz, mo <= n``, ``sum(O) == k``,
 ``sum(Z) + k <= n``.
 
 The encoder is deterministic (same input, same numpy: same bytes); its choice of parameters uses
-floating-point estimates, but every size it compares is an exact bit count. The decoder checks every
-size it reads against n before allocating (O(n) memory at most) and raises ``MaskCodecError``, with
-the reason, for any malformed or inconsistent stream.
+floating-point estimates, but every size it compares is an exact bit count. The decoder raises
+``MaskCodecError``, with the reason, for any malformed or inconsistent stream. Before it allocates
+anything it checks the parameters against n and k and the stream's length against the shortest
+(every coded value takes at least 1 + W bits) and the longest valid stream for them
+(``check_mask_code`` runs these checks alone); it then decodes in chunks, so that decoding costs the
+n-byte mask plus a working set of a few MiB, whatever the stream claims.
 """
 
 from __future__ import annotations
@@ -67,10 +70,13 @@ from typing import Callable
 
 import numpy as np
 
+from formats.errors import FormatError, UserError, UserTypeError
+
 __all__ = [
     "MaskCodecError",
     "encode_mask",
     "decode_mask",
+    "check_mask_code",
     "mask_information_bits",
     "CODEC_NAMES",
     "M_TABLE",
@@ -117,8 +123,8 @@ for _table in (M_TABLE, _LOG_M_TABLE, _W_TABLE, _U_TABLE):
     _table.flags.writeable = False
 
 
-class MaskCodecError(ValueError):
-    """A coded mask is malformed or inconsistent with the given n and k."""
+class MaskCodecError(FormatError):
+    """A coded mask is malformed or inconsistent with the given n and k (a ``FormatError``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def mask_information_bits(n: int, k: int) -> float:
     """log2 C(n, k): bits needed to name one mask of n entries with k ones (0 if k in {0, n})."""
     n, k = operator.index(n), operator.index(k)
     if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got n={n}, k={k}")
+        raise UserError(f"need 0 <= k <= n, got n={n}, k={k}")
     if k == 0 or k == n:
         return 0.0
     bits = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
@@ -259,53 +265,17 @@ def _golomb_write(values: np.ndarray, params) -> list[np.ndarray]:
     return [fields, extra.astype(np.uint8), unary]
 
 
-def _golomb_read(bits: np.ndarray, pos: int, count: int, params, limit: int, what: str):
-    """Decode GS(count) from bits[pos:]; every value must be <= limit. Returns (values, end)."""
-    m, width, u = params
-    if np.ndim(width) == 0:
-        need = count * width
-        if pos + need > bits.size:
-            raise MaskCodecError(f"truncated: {what} remainder fields run past the end of the data")
-        v = _read_fixed(bits[pos:], count, width)
-    else:
-        need = int(width.sum())
-        if pos + need > bits.size:
-            raise MaskCodecError(f"truncated: {what} remainder fields run past the end of the data")
-        v = _read_var(bits[pos:], width)
-    pos += need
-    long = v >= u
-    n_extra = int(np.count_nonzero(long))
-    if pos + n_extra > bits.size:
-        raise MaskCodecError(f"truncated: {what} extra remainder bits run past the end of the data")
-    u_long = u if np.ndim(u) == 0 else u[long]
-    v[long] = 2 * v[long] + bits[pos : pos + n_extra] - u_long
-    pos += n_extra
-    # Unary quotients: count terminating 1 bits. A valid quotient is at most limit // m, so a
-    # valid unary part is at most count + limit bits long; look no further.
-    ones = np.flatnonzero(bits[pos : pos + count + limit])
-    if ones.size < count:
-        raise MaskCodecError(f"{what}: unary part has {ones.size} of {count} terminators "
-                             "(truncated, or a value beyond n)")
-    ends = ones[:count]
-    q = np.diff(ends, prepend=np.int64(-1)) - 1
-    if np.any(q > limit // m):
-        raise MaskCodecError(f"{what}: a value exceeds {limit} (the stream runs past n)")
-    if count:
-        pos += int(ends[-1]) + 1
-    return q * m + v, pos
-
-
 # --------------------------------------------------------------------------------------------
 # encoder
 
 
 def _check_mask(mask) -> np.ndarray:
     if not isinstance(mask, np.ndarray):
-        raise TypeError(f"mask must be a numpy array, got {type(mask).__name__}")
+        raise UserTypeError(f"mask must be a numpy array, got {type(mask).__name__}")
     if mask.dtype != np.bool_:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        raise UserTypeError(f"mask must have dtype bool, got {mask.dtype}")
     if mask.ndim != 1:
-        raise ValueError(f"mask must be 1-D (flatten it first), got shape {mask.shape}")
+        raise UserError(f"mask must be 1-D (flatten it first), got shape {mask.shape}")
     return np.ascontiguousarray(mask)
 
 
@@ -444,34 +414,115 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 # --------------------------------------------------------------------------------------------
 # decoder
+#
+# A code's parameters and the size of its stream are checked against n and k before anything is
+# allocated: every coded value takes at least one bit, so a stream too short for its count is
+# rejected at once. Values are then decoded _CHUNK at a time, reading the stream where they lie
+# (fields, extra bits and unary terminators are separate regions): decoding a mask costs the n-byte
+# result plus O(_CHUNK) working memory, whatever the stream says.
+
+_CHUNK = 1 << 16  # values decoded at a time
+_WINDOW = 1 << 18  # stream bits unpacked at a time while looking for unary terminators
 
 
-def _finish(bits: np.ndarray, pos: int, payload_len: int, codec: str) -> None:
+class _Stream:
+    """The bit stream of a code (a uint8 array), unpacked only where it is read."""
+
+    def __init__(self, payload: np.ndarray):
+        self.payload = payload
+        self.size = 8 * payload.size
+
+    def bits(self, start: int, stop: int) -> np.ndarray:
+        """Bits start..stop-1 as uint8 0/1 (the caller checked 0 <= start <= stop <= size)."""
+        first = start >> 3
+        return np.unpackbits(self.payload[first : (stop + 7) >> 3])[start - 8 * first : stop - 8 * first]
+
+
+class _GolombReader:
+    """GS(count) from bit ``start``; ``params(i0, i1)`` gives (m, W, u) of values i0..i1-1.
+
+    Creating it reads part A once, to locate parts B and U and check that they fit in the stream;
+    ``chunks()`` then yields the values (each at most ``limit``) in order, ``_CHUNK`` at a time, and
+    leaves ``end`` at the bit after the sequence.
+    """
+
+    def __init__(self, stream: _Stream, start: int, count: int, params: Callable, limit: int, what: str):
+        self.stream, self.start, self.count, self.params, self.limit, self.what = (
+            stream, start, count, params, limit, what)
+        pos, extras = start, 0
+        for i0 in range(0, count, _CHUNK):
+            i1 = min(count, i0 + _CHUNK)
+            _, width, u = params(i0, i1)
+            v, pos = self._fields(pos, i1 - i0, width)
+            extras += int(np.count_nonzero(v >= u))
+        if pos + extras > stream.size:
+            raise MaskCodecError(f"truncated: {what} extra remainder bits run past the end of the data")
+        self.extra_start = pos
+        self.unary_start = self.end = pos + extras
+
+    def _fields(self, pos: int, count: int, width) -> tuple[np.ndarray, int]:
+        """The next ``count`` fields of part A (widths ``width``, one or per value) and the bit after them."""
+        need = count * width if np.ndim(width) == 0 else int(width.sum())
+        if pos + need > self.stream.size:
+            raise MaskCodecError(f"truncated: {self.what} remainder fields run past the end of the data")
+        bits = self.stream.bits(pos, pos + need)
+        return (_read_fixed(bits, count, width) if np.ndim(width) == 0 else _read_var(bits, width)), pos + need
+
+    def chunks(self):
+        field, extra, scan = self.start, self.extra_start, self.unary_start
+        # a valid quotient is at most limit // m, so a valid part U is at most count + limit bits
+        stop = min(self.stream.size, self.unary_start + self.count + self.limit)
+        found = np.zeros(0, np.int64)  # positions of terminators found but not used yet
+        last = self.unary_start - 1  # the previous terminator
+        self.end = self.unary_start
+        for i0 in range(0, self.count, _CHUNK):
+            size = min(self.count, i0 + _CHUNK) - i0
+            m, width, u = self.params(i0, i0 + size)
+            v, field = self._fields(field, size, width)
+            long = v >= u
+            n_long = int(np.count_nonzero(long))
+            v[long] = 2 * v[long] + self.stream.bits(extra, extra + n_long) - (u if np.ndim(u) == 0 else u[long])
+            extra += n_long
+            parts = [found]
+            while sum(p.size for p in parts) < size and scan < stop:
+                window = self.stream.bits(scan, min(stop, scan + _WINDOW))
+                parts.append(np.flatnonzero(window) + scan)
+                scan += window.size
+            found = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if found.size < size:
+                raise MaskCodecError(f"{self.what}: unary part has {i0 + found.size} of {self.count} terminators "
+                                     "(truncated, or a value beyond n)")
+            ends, found = found[:size], found[size:]
+            q = np.diff(ends, prepend=np.int64(last)) - 1
+            if np.any(q > self.limit // m):
+                raise MaskCodecError(f"{self.what}: a value exceeds {self.limit} (the stream runs past n)")
+            last = int(ends[-1])
+            self.end = last + 1
+            yield q * m + v
+
+
+def _finish(stream: _Stream, pos: int, codec: str) -> None:
     """The stream must end in the last byte, and the padding bits must be zero."""
-    if _nbytes(pos) != payload_len:
-        if _nbytes(pos) > payload_len:  # cannot happen for streams checked while reading
+    if _nbytes(pos) != stream.payload.size:
+        if _nbytes(pos) > stream.payload.size:  # cannot happen for streams checked while reading
             raise MaskCodecError(f"{codec}: truncated stream")
         raise MaskCodecError(
-            f"{codec}: {payload_len - _nbytes(pos)} trailing byte(s) after the coded stream"
+            f"{codec}: {stream.payload.size - _nbytes(pos)} trailing byte(s) after the coded stream"
         )
-    if np.any(bits[pos:]):
+    if np.any(stream.bits(pos, stream.size)):
         raise MaskCodecError(f"{codec}: nonzero padding bits after the coded stream")
 
 
-def _gaps_to_mask(gaps: np.ndarray, n: int, what: str) -> np.ndarray:
-    positions = np.cumsum(gaps + 1) - 1
-    if positions.size and positions[-1] >= n:
-        raise MaskCodecError(f"{what}: the gap stream runs past n = {n}")
-    mask = np.zeros(n, bool)
-    mask[positions] = True
-    return mask
+def _parse(data, n: int, k: int) -> tuple[int, tuple, _Stream]:
+    """Codec id, parameters and bit stream of a code, checked against n and k in O(1) memory.
 
-
-def decode_mask(data: bytes, n: int, k: int) -> np.ndarray:
-    """Decode a stream of ``encode_mask``: 1-D bool array of length n with exactly k ones."""
+    The stream must be at least as long as the shortest and at most as long as the longest valid
+    stream for these parameters: each coded value takes at least 1 + W bits (a field and a unary
+    terminator), so the count a stream claims is bounded by its length before anything is allocated.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
-    data = bytes(data)
+        raise UserTypeError(f"data must be bytes-like, got {type(data).__name__}")
+    data = memoryview(data).cast("B")
     n, k = operator.index(n), operator.index(k)
     if n < 0 or not 0 <= k <= n:
         raise MaskCodecError(f"need 0 <= k <= n, got n={n}, k={k}")
@@ -487,28 +538,24 @@ def decode_mask(data: bytes, n: int, k: int) -> np.ndarray:
             raise MaskCodecError(f"empty: {len(data) - 1} trailing byte(s) after the codec id")
         if k not in (0, n):
             raise MaskCodecError(f"empty: codec 0 needs k == 0 or k == n, got n={n}, k={k}")
-        return np.full(n, k == n and n > 0, bool)
+        return codec, (), _Stream(np.zeros(0, np.uint8))
     if k == 0 or k == n:
         raise MaskCodecError(f"{name}: a mask with k == 0 or k == n must use codec 0 (empty)")
-
     if codec == BITMAP:
-        payload = np.frombuffer(data, np.uint8, offset=1)
-        if payload.size != _nbytes(n):
-            raise MaskCodecError(
-                f"bitmap: expected {_nbytes(n)} bytes for n={n}, got {payload.size}"
-            )
-        if n % 8 and payload[-1] & ((1 << (8 - n % 8)) - 1):
-            raise MaskCodecError("bitmap: nonzero padding bits after the coded stream")
-        ones = int(np.bitwise_count(payload).sum())
-        if ones != k:
-            raise MaskCodecError(f"bitmap: {ones} ones, but k={k}")
-        return np.unpackbits(payload, count=n).view(bool)
+        if len(data) - 1 != _nbytes(n):
+            raise MaskCodecError(f"bitmap: expected {_nbytes(n)} bytes for n={n}, got {len(data) - 1}")
+        return codec, (), _Stream(np.frombuffer(data, np.uint8, offset=1))
 
     pos = 1
+    count = n - k if codec in (GOLOMB_COMPL, ADAPTIVE_COMPL) else k
     if codec in (GOLOMB, GOLOMB_COMPL):
         m, pos = _read_varint(data, pos, f"{name}: parameter m")
         if not 1 <= m <= n:
             raise MaskCodecError(f"{name}: parameter m={m} outside 1..n={n}")
+        params = (m,)
+        width = _code_params(m)[1]
+        min_bits = count * (width + 1)
+        max_bits = count * (width + 2) + (n - count) // m
     elif codec in (ADAPTIVE, ADAPTIVE_COMPL):
         if len(data) < 4:
             raise MaskCodecError(f"truncated: {name} needs 3 parameter bytes")
@@ -520,6 +567,11 @@ def decode_mask(data: bytes, n: int, k: int) -> np.ndarray:
             raise MaskCodecError(f"{name}: field width {width} exceeds {_MAX_FIELD_WIDTH}")
         if j0 >= M_TABLE.size:
             raise MaskCodecError(f"{name}: table index j0={j0} >= {M_TABLE.size}")
+        params = (group_log, j0, width)
+        fields = -(-count >> group_log) * width
+        min_bits = fields + count * (int(_W_TABLE[j0]) + 1)  # the table is increasing: j0 has the least W
+        max_width = int(_W_TABLE[min(j0 + (1 << width) - 1, M_TABLE.size - 1)])
+        max_bits = fields + count * (max_width + 2) + n - count
     else:  # RUNS
         runs, pos = _read_varint(data, pos, "runs: count R")
         mz, pos = _read_varint(data, pos, "runs: parameter m_z")
@@ -529,60 +581,113 @@ def decode_mask(data: bytes, n: int, k: int) -> np.ndarray:
         for label, m in (("m_z", mz), ("m_o", mo)):
             if not 1 <= m <= n:
                 raise MaskCodecError(f"runs: parameter {label}={m} outside 1..n={n}")
-
-    # the longest valid stream for these parameters; reject longer data before unpacking it
-    if codec == RUNS:
-        max_bits = sum(runs * (_code_params(m)[1] + 2) + limit // m
-                       for m, limit in ((mz, n - k), (mo, k - 1)))
-    else:
-        count = n - k if codec in (GOLOMB_COMPL, ADAPTIVE_COMPL) else k
-        if codec in (GOLOMB, GOLOMB_COMPL):
-            max_bits = count * (_code_params(m)[1] + 2) + (n - count) // m
-        else:
-            max_width = int(_W_TABLE[min(j0 + (1 << width) - 1, M_TABLE.size - 1)])
-            max_bits = -(-count >> group_log) * width + count * (max_width + 2) + n - count
-    if len(data) - pos > _nbytes(max_bits):
+        params = (runs, mz, mo)
+        count = 2 * runs
+        min_bits = runs * (_code_params(mz)[1] + _code_params(mo)[1] + 2)
+        max_bits = sum(runs * (_code_params(m)[1] + 2) + limit // m for m, limit in ((mz, n - k), (mo, k - 1)))
+    stream = _Stream(np.frombuffer(data, np.uint8, offset=pos))
+    if stream.size < min_bits:
+        raise MaskCodecError(f"{name}: {stream.payload.size} stream bytes cannot hold {count} coded values "
+                             f"(at least {_nbytes(min_bits)} bytes): truncated, or wrong n={n}, k={k}")
+    if stream.payload.size > _nbytes(max_bits):
         raise MaskCodecError(
-            f"{name}: {len(data) - pos} stream bytes exceed the {_nbytes(max_bits)} of the longest "
+            f"{name}: {stream.payload.size} stream bytes exceed the {_nbytes(max_bits)} of the longest "
             f"valid stream for n={n}, k={k} (trailing bytes?)"
         )
-    payload = np.frombuffer(data, np.uint8, offset=pos)
-    bits = np.unpackbits(payload)
+    return codec, params, stream
 
-    if codec == RUNS:
-        z, bpos = _golomb_read(bits, 0, runs, _code_params(mz), n - k, "runs: zero runs")
-        o, bpos = _golomb_read(bits, bpos, runs, _code_params(mo), k - 1, "runs: one runs")
-        _finish(bits, bpos, payload.size, name)
-        lengths = o + 1
-        if int(lengths.sum()) != k:
-            raise MaskCodecError(f"runs: run lengths sum to {int(lengths.sum())}, but k={k}")
-        z[1:] += 1
-        if int(z.sum()) + k > n:
-            raise MaskCodecError(f"runs: the runs extend past n = {n}")
-        starts = np.cumsum(z)
-        starts[1:] += np.cumsum(lengths)[:-1]
-        delta = np.zeros(n + 1, np.int8)
-        delta[starts] = 1
-        delta[starts + lengths] = -1
-        return np.cumsum(delta[:n], dtype=np.int8).view(bool)
 
-    compl = codec in (GOLOMB_COMPL, ADAPTIVE_COMPL)
-    count = n - k if compl else k
-    bpos = 0
-    if codec in (GOLOMB, GOLOMB_COMPL):
-        params = _code_params(m)
-    else:
-        n_groups = -(-count >> group_log)
-        if n_groups * width > bits.size:
-            raise MaskCodecError(f"truncated: {name} group fields run past the end of the data")
-        j = j0 + _read_fixed(bits, n_groups, width)
+def check_mask_code(data, n: int, k: int) -> None:
+    """Check a code's codec, parameters and stream size against n and k without decoding it.
+
+    O(1) memory and time: a loader runs it on every mask before it allocates any. ``decode_mask``
+    may still reject the code (its content is not read here).
+    """
+    _parse(data, n, k)
+
+
+def _adaptive_params(stream: _Stream, group_log: int, j0: int, width: int, n: int, name: str) -> Callable:
+    """(m, W, u) per value of an adaptive code, from the group fields at the start of its stream."""
+
+    def params(i0: int, i1: int):
+        g0, g1 = i0 >> group_log, ((i1 - 1) >> group_log) + 1
+        j = j0 + _read_fixed(stream.bits(g0 * width, g1 * width), g1 - g0, width)
         if j.max() >= M_TABLE.size:
             raise MaskCodecError(f"{name}: group table index {int(j.max())} >= {M_TABLE.size}")
         if M_TABLE[j.max()] > n:
             raise MaskCodecError(f"{name}: group parameter m={int(M_TABLE[j.max()])} > n={n}")
-        params = _table_params(j, group_log, count)
-        bpos = n_groups * width
-    gaps, bpos = _golomb_read(bits, bpos, count, params, n - count, name)
-    _finish(bits, bpos, payload.size, name)
-    mask = _gaps_to_mask(gaps, n, name)
-    return ~mask if compl else mask
+        if width == 0:
+            return _code_params(int(M_TABLE[j0]))
+        j = j[(np.arange(i0, i1) >> group_log) - g0]
+        return M_TABLE[j], _W_TABLE[j], _U_TABLE[j]
+
+    return params
+
+
+def decode_mask(data: bytes, n: int, k: int) -> np.ndarray:
+    """Decode a stream of ``encode_mask``: 1-D bool array of length n with exactly k ones.
+
+    Costs the n-byte result plus O(1) in n: see the comment above ``_CHUNK``.
+    """
+    codec, params, stream = _parse(data, n, k)
+    name = CODEC_NAMES[codec]
+    if codec == EMPTY:
+        return np.full(n, k == n and n > 0, bool)
+    if codec == BITMAP:
+        payload = stream.payload
+        if n % 8 and payload[-1] & ((1 << (8 - n % 8)) - 1):
+            raise MaskCodecError("bitmap: nonzero padding bits after the coded stream")
+        ones = int(np.bitwise_count(payload).sum())
+        if ones != k:
+            raise MaskCodecError(f"bitmap: {ones} ones, but k={k}")
+        return np.unpackbits(payload, count=n).view(bool)
+    if codec == RUNS:
+        return _decode_runs(stream, n, k, *params)
+
+    compl = codec in (GOLOMB_COMPL, ADAPTIVE_COMPL)
+    count = n - k if compl else k
+    if codec in (GOLOMB, GOLOMB_COMPL):
+        scalar = _code_params(params[0])
+        gaps = _GolombReader(stream, 0, count, lambda i0, i1: scalar, n - count, name)
+    else:
+        group_log, j0, width = params
+        start = -(-count >> group_log) * width  # the group fields come first (_parse checked they fit)
+        gaps = _GolombReader(stream, start, count, _adaptive_params(stream, group_log, j0, width, n, name),
+                             n - count, name)
+    mask = np.zeros(n, bool)
+    last = -1
+    for chunk in gaps.chunks():
+        positions = np.cumsum(chunk + 1) + last
+        if positions[-1] >= n:
+            raise MaskCodecError(f"{name}: the gap stream runs past n = {n}")
+        mask[positions] = True
+        last = int(positions[-1])
+    _finish(stream, gaps.end, name)
+    return np.logical_not(mask, out=mask) if compl else mask
+
+
+def _decode_runs(stream: _Stream, n: int, k: int, runs: int, mz: int, mo: int) -> np.ndarray:
+    """The runs codec: the zero runs' GS, then the one runs' GS, read side by side in chunks."""
+    zeros = _GolombReader(stream, 0, runs, lambda i0, i1: _code_params(mz), n - k, "runs: zero runs")
+    for _ in zeros.chunks():  # only to find where the one runs begin
+        pass
+    ones = _GolombReader(stream, zeros.end, runs, lambda i0, i1: _code_params(mo), k - 1, "runs: one runs")
+    delta = np.zeros(n + 1, np.int8)  # +1 where a run starts, -1 after it ends; its running sum is the mask
+    end, total = 0, 0  # the entry after the previous run; ones so far
+    for i, (z, o) in enumerate(zip(zeros.chunks(), ones.chunks())):
+        z += 1  # Z_i = z_i + 1, except Z_1 = z_1
+        if i == 0:
+            z[0] -= 1
+        lengths = o + 1
+        total += int(lengths.sum())
+        starts = end + np.cumsum(z)
+        starts[1:] += np.cumsum(lengths)[:-1]
+        if int(starts[-1] + lengths[-1]) > n:
+            raise MaskCodecError(f"runs: the runs extend past n = {n}")
+        delta[starts] = 1
+        delta[starts + lengths] = -1
+        end = int(starts[-1] + lengths[-1])
+    _finish(stream, ones.end, "runs")
+    if total != k:
+        raise MaskCodecError(f"runs: run lengths sum to {total}, but k={k}")
+    return np.cumsum(delta, dtype=np.int8, out=delta)[:n].view(bool)

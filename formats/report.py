@@ -1,12 +1,45 @@
-"""Human-readable storage report of an artifact (``compress info``)."""
+"""Human-readable storage report of an artifact (``compress info``).
+
+The reader validates every number it reports, but the formatting does not rely on it: a ratio with a
+zero or non-finite side, or a number that does not fit a float, is shown as "-", never as a traceback
+or "inf".
+"""
 from __future__ import annotations
 
+import math
 
-def _size(count: float) -> str:
+
+def _finite(value) -> bool:
+    """A number that converts to a finite float (not a bool, not inf or NaN, not an int beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _number(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "-" if it is not a finite number."""
+    return format(value, spec) if _finite(value) else "-"
+
+
+def _ratio(numerator, denominator) -> float | None:
+    """numerator / denominator as a finite float, or None (zero, non-finite or mistyped sides)."""
+    try:
+        ratio = numerator / denominator
+    except (ArithmeticError, TypeError):  # ZeroDivisionError, OverflowError
+        return None
+    return ratio if _finite(ratio) else None
+
+
+def _size(count) -> str:
+    if not _finite(count):
+        return "-"
     for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
         if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return f"{count:.0f} B"
+            return f"{_number(_ratio(count, scale), '.2f')} {unit}"
+    return f"{_number(count, '.0f')} B"
 
 
 def format_info(info: dict) -> str:
@@ -18,35 +51,40 @@ def format_info(info: dict) -> str:
         f"{'mask B':>8} {'limit B':>9} {'bits/trained':>12}"
     ]
     for r in rows:
-        bits = f"{r['bits_per_trained']:.2f}" if r["bits_per_trained"] is not None else "-"
-        limit = f"{r['mask_limit_bytes']:.1f}" if r["kind"] == "masked" else "-"
+        limit = _number(r["mask_limit_bytes"], ".1f") if r["kind"] == "masked" else "-"
         lines.append(
-            f"{r['name']:<{width}}  {r['kind']:<6} {r['trained']:>10,} {r['total']:>11,} {r['density']:>9.4%} "
-            f"{r['value_bytes']:>10,} {r['mask_bytes']:>8,} {limit:>9} {bits:>12}"
+            f"{r['name']:<{width}}  {r['kind']:<6} {_number(r['trained'], ','):>10} {_number(r['total'], ','):>11} "
+            f"{_number(r['density'], '.4%'):>9} {_number(r['value_bytes'], ','):>10} {_number(r['mask_bytes'], ','):>8} "
+            f"{limit:>9} {_number(r['bits_per_trained'], '.2f'):>12}"
         )
     t = totals
     manifest = schema["manifest"]
     accuracy = manifest.get("test_acc")
+    density = t["density"]
+    sparsity = 1 - density if _finite(density) else None
+    mask_ratio = _ratio(t["mask_bytes"], t["mask_limit_bytes"]) if t["mask_limit_bytes"] else 1
+    saved = _ratio(t["file_bytes"], t["dense_fp32_bytes"])
     lines += [
         "",
         f"model {schema['architecture']['model']} {schema['architecture']['input_shape']}, mode {schema['mode']}, "
         f"method {manifest.get('method')}, seed {schema['seed']}, values {schema['values']}"
-        + (f", test acc {accuracy:.2%}" if isinstance(accuracy, (int, float)) else ""),
-        f"masked weights : {t['masked_trained']:,} of {t['masked_total']:,} trained "
-        f"(density {t['density']:.4%}, sparsity {1 - t['density']:.4%})",
-        f"trained values : {t['value_bytes']:>10,} B",
-        f"masks          : {t['mask_bytes']:>10,} B   (information limit {t['mask_limit_bytes']:,.0f} B, "
-        f"ratio {t['mask_bytes'] / t['mask_limit_bytes'] if t['mask_limit_bytes'] else 1:.3f})",
-        f"dense tensors  : {t['dense_bytes']:>10,} B   (biases, norms, buffers)",
-        *([f"filter bases   : {t['basis_bytes']:>10,} B   ({t['interspace_layers']} interspace layers)"]
+        + (f", test acc {accuracy:.2%}" if _finite(accuracy) else ""),
+        f"masked weights : {_number(t['masked_trained'], ',')} of {_number(t['masked_total'], ',')} trained "
+        f"(density {_number(density, '.4%')}, sparsity {_number(sparsity, '.4%')})",
+        f"trained values : {_number(t['value_bytes'], '>10,')} B",
+        f"masks          : {_number(t['mask_bytes'], '>10,')} B   (information limit "
+        f"{_number(t['mask_limit_bytes'], ',.0f')} B, ratio {_number(mask_ratio, '.3f')})",
+        f"dense tensors  : {_number(t['dense_bytes'], '>10,')} B   (biases, norms, buffers)",
+        *([f"filter bases   : {_number(t['basis_bytes'], '>10,')} B   ({t['interspace_layers']} interspace layers)"]
           if t.get("interspace_layers") else []),
-        f"header         : {t['header_bytes']:>10,} B",
-        f"artifact       : {t['file_bytes']:>10,} B   ({_size(t['file_bytes'])})"
-        + (f", {t['bits_per_trained']:.2f} bits per trained weight (values + mask)" if t["bits_per_trained"] else ""),
-        f"dense fp32     : {t['dense_fp32_bytes']:>10,} B   ({_size(t['dense_fp32_bytes'])}, the same model as a "
-        f"safetensors file)",
-        f"saved          : {t['ratio_to_dense_fp32']:.1f}x smaller "
-        f"({1 - t['file_bytes'] / t['dense_fp32_bytes']:.2%} of the storage saved)",
+        f"header         : {_number(t['header_bytes'], '>10,')} B",
+        f"artifact       : {_number(t['file_bytes'], '>10,')} B   ({_size(t['file_bytes'])})"
+        + (f", {_number(t['bits_per_trained'], '.2f')} bits per trained weight (values + mask)"
+           if t["bits_per_trained"] else ""),
+        f"dense fp32     : {_number(t['dense_fp32_bytes'], '>10,')} B   ({_size(t['dense_fp32_bytes'])}, the same "
+        f"model as a safetensors file)",
+        f"saved          : {_number(_ratio(t['dense_fp32_bytes'], t['file_bytes']), '.1f')}x smaller "
+        f"({_number(1 - saved if saved is not None else None, '.2%')} of the storage saved)",
     ]
     return "\n".join(lines)
 

@@ -126,13 +126,15 @@ def test_header_longer_than_the_file_is_truncated(small_container):
 
 
 def test_data_cut_short_is_detected(small_container, resign):
-    expect_container_error(small_container[:-1], "checksum mismatch")
+    # the tensors' sizes are checked against the file size before the data is read (or hashed)
+    expect_container_error(small_container[:-1], "out of range of the 11-byte buffer")
     expect_container_error(resign(small_container, mutate_body=lambda body: body[:-1]), "out of range")
+    expect_container_error(small_container + b"\0", "1 trailing bytes after the last tensor")
 
 
 def test_header_length_over_the_cap_is_rejected_before_reading():
-    expect_container_error((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{}", "exceeds the limit")
-    expect_container_error(b"\xff" * 8, "exceeds the limit")
+    expect_container_error((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{}", "is not a compress artifact")
+    expect_container_error(b"\xff" * 8, "the data is not a compress artifact (it does not start with a safetensors header)")
 
 
 def test_non_utf8_header():
@@ -143,9 +145,9 @@ def test_non_json_header():
     expect_container_error(raw_file(b"{not json}  "), "header is not valid JSON")
 
 
-@pytest.mark.parametrize("text", [b"[]      ", b"1       ", b'"x"     ', b"null    "])
+@pytest.mark.parametrize("text", [b"[]      ", b"1       ", b'"x"     ', b"null    ", b" {}     "])
 def test_header_that_is_not_an_object(text):
-    expect_container_error(raw_file(text), "not a JSON object")
+    expect_container_error(raw_file(text), "not a compress artifact (it does not start with a safetensors header)")
 
 
 def test_duplicate_keys_are_rejected(small_container, resign):
@@ -232,10 +234,16 @@ def test_data_offsets_not_two_integers(small_container, resign, offsets):
                            "data_offsets must be two integers")
 
 
-@pytest.mark.parametrize("offsets", [[9, 13], [-1, 3], [12, 8], [8, 2**70]])
+@pytest.mark.parametrize("offsets", [[9, 13], [-1, 3], [12, 8], [8, 2**64 - 1]])
 def test_data_offsets_out_of_range(small_container, resign, offsets):
     expect_container_error(resign(small_container, lambda h: h["b"].__setitem__("data_offsets", offsets)),
                            "out of range")
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**400])
+def test_integers_beyond_64_bits_are_rejected(small_container, resign, value):
+    expect_container_error(resign(small_container, lambda h: h["b"].__setitem__("data_offsets", [8, value])),
+                           "beyond 64 bits")
 
 
 def test_data_offsets_overlapping(small_container, resign):
@@ -288,7 +296,9 @@ def test_metadata_must_hold_exactly_schema_and_checksum(tiny, resign):
     expect_error(resign(tiny["prune"], lambda h: h["__metadata__"].__setitem__("extra", "1")),
                  "unexpected metadata keys")
     expect_error(resign(tiny["prune"], lambda h: h["__metadata__"].pop("compress") and None),
-                 "unexpected metadata keys")
+                 "the data is a safetensors file but not a compress artifact: no compress schema in __metadata__")
+    expect_error(resign(tiny["prune"], lambda h: h.pop("__metadata__") and None),
+                 "a safetensors file but not a compress artifact")
 
 
 def test_schema_that_is_not_json_or_not_an_object(tiny, resign):
@@ -323,9 +333,10 @@ def test_missing_or_mistyped_schema_field(tiny, resign_schema, field):
     expect_error(resign_schema(tiny["prune"], lambda s: s.__setitem__(field, wrong)), f"schema field {field!r}")
 
 
-@pytest.mark.parametrize("seed", [2**32, -1, 2**64])
-def test_seed_outside_32_bits(tiny, resign_schema, seed):
-    expect_error(resign_schema(tiny["freeze"], lambda s: s.__setitem__("seed", seed)), "outside 32 bits")
+@pytest.mark.parametrize("seed, fragment", [(2**32, "outside 32 bits"), (-1, "outside 32 bits"),
+                                            (2**64, "beyond 64 bits")])
+def test_seed_outside_32_bits(tiny, resign_schema, seed, fragment):
+    expect_error(resign_schema(tiny["freeze"], lambda s: s.__setitem__("seed", seed)), fragment)
 
 
 @pytest.mark.parametrize("seed", [True, 1.0, "1"])
@@ -437,7 +448,7 @@ def test_corrupted_mask_bytes_are_caught_by_the_mask_codec(tiny):
     def codec(value):
         def change(schema, tensors):
             stored = tensors["m:fc2.weight"]
-            tensors["m:fc2.weight"] = StoredTensor("U8", stored.shape, bytes([value]) + stored.data[1:])
+            tensors["m:fc2.weight"] = StoredTensor("U8", stored.shape, bytes([value]) + bytes(stored.data[1:]))
         return change
 
     expect_error(recontainer(tiny["prune"], codec(99)), "mask of 'fc2.weight': unknown codec id 99")
@@ -450,7 +461,7 @@ def test_corrupted_mask_bytes_are_caught_by_the_mask_codec(tiny):
 
     def trailing(schema, tensors):
         stored = tensors["m:fc2.weight"]
-        tensors["m:fc2.weight"] = StoredTensor("U8", (stored.shape[0] + 1,), stored.data + b"\x00")
+        tensors["m:fc2.weight"] = StoredTensor("U8", (stored.shape[0] + 1,), bytes(stored.data) + b"\x00")
 
     expect_error(recontainer(tiny["prune"], trailing), "mask of 'fc2.weight'")
 
@@ -532,14 +543,14 @@ def test_init_bound_overflowing_to_infinity(tiny, resign):
         text = json.dumps(schema, separators=(",", ":"), sort_keys=True).replace("12345.5", "1e999")
         header["__metadata__"]["compress"] = text  # JSON 1e999 parses to inf: no NaN/Infinity literal needed
 
-    expect_error(resign(tiny["freeze"], infinite_bound), "invalid init rule")
+    expect_error(resign(tiny["freeze"], infinite_bound), "the header holds the number 1e999, which overflows a float")
 
 
 def test_huge_integer_init_bound_is_a_format_error(tiny, resign_schema):
     def set_rule(schema):
         first_masked(schema)["init"]["bound"] = 10**400
 
-    expect_error(resign_schema(tiny["freeze"], set_rule), "invalid init rule")
+    expect_error(resign_schema(tiny["freeze"], set_rule), "beyond 64 bits")
 
 
 @pytest.mark.parametrize("sha", ["0" * 63, "A" * 64, 5, None])
@@ -638,10 +649,11 @@ def test_unknown_kind(tiny, resign_schema, kind):
 
 
 def test_read_artifact_of_a_directory_or_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FormatError, match=f"artifact {tmp_path / 'missing.cpk'} does not exist"):
         formats.read_artifact(tmp_path / "missing.cpk")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FormatError, match="is not a file"):
         formats.read_artifact(tmp_path)
+    assert issubclass(FormatError, formats.UserError)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -425,8 +425,10 @@ def _bad_cases():
     yield "adaptive group size", a[:1] + bytes([31]) + a[2:], an, ak, "exceeds 2**30"
     yield "adaptive width", a[:3] + bytes([9]) + a[4:], an, ak, "field width 9"
     yield "adaptive j0", a[:2] + bytes([240]) + a[3:], an, ak, "j0=240"
-    yield "adaptive j beyond table", a[:2] + bytes([239]) + a[3:], an, ak, "group table index"
-    yield "adaptive m > n", a[:2] + bytes([200]) + a[3:], an, ak, f"> n={an}"
+    yield "adaptive large j0, stream too short", a[:2] + bytes([239]) + a[3:], an, ak, "cannot hold 4502 coded values"
+    # one gap (k = 1), groups of 1, 3-bit fields: j0 = 235 plus the field 7 is beyond the 240-entry table
+    yield "adaptive j beyond table", bytes([4, 0, 235, 3, 0xE0, 0, 0, 0, 0]), 100, 1, "group table index 242"
+    yield "adaptive m > n", bytes([4, 0, 0, 8, 200, 0]), 100, 1, "> n=100"
     yield "adaptive truncated", a[:-1], an, ak, "terminators"
     yield "adaptive trailing", a + b"\x00", an, ak, "trailing byte"
     yield "runs R = 0", bytes([6, 0, 27, 43]) + r[4:], rn, rk, "R=0"
@@ -568,3 +570,58 @@ def test_fuzz_round_trip_any_mask(bits):
     data = encode_mask(mask)
     np.testing.assert_array_equal(decode_mask(data, mask.size, int(mask.sum())), mask)
     assert len(data) <= 1 + (mask.size + 7) // 8  # never worse than the bitmap
+
+
+# ------------------------------------------------------------------------------------------------
+# cost: a stream is checked against its count before anything is allocated, and decoding costs
+# the n-byte mask plus a bounded working set (numpy's allocations are visible to tracemalloc)
+
+
+def _peak_bytes(function) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+_HUGE_N = 300 * 946 * 946  # LeNet-300-100's fc1 on 946 x 946 inputs: 268,474,800 entries
+
+
+@pytest.mark.parametrize(
+    "data, k",
+    [
+        (bytes([mc.ADAPTIVE_COMPL, 3, 0, 0, 0]), 1),  # the reproduced case: 5 bytes claiming n - 1 gaps
+        (bytes([mc.ADAPTIVE, 0, 0, 8, 0]), _HUGE_N - 1),
+        (bytes([mc.GOLOMB, 1, 0]), _HUGE_N // 2),
+        (bytes([mc.GOLOMB_COMPL, 1, 0xFF, 0xFF]), 1),
+        (bytes([mc.RUNS, 0x80, 0x80, 0x10, 1, 1, 0xFF]), _HUGE_N // 2),
+        (bytes([mc.BITMAP]) + b"\xff" * 8, 3),
+    ],
+    ids=["adaptive-compl", "adaptive", "golomb", "golomb-compl", "runs", "bitmap"],
+)
+def test_a_stream_too_short_for_its_count_is_rejected_before_allocating(data, k):
+    def decode():
+        with pytest.raises(MaskCodecError, match="cannot hold|expected"):
+            decode_mask(data, _HUGE_N, k)
+        with pytest.raises(MaskCodecError, match="cannot hold|expected"):
+            mc.check_mask_code(data, _HUGE_N, k)
+
+    assert _peak_bytes(decode) < 2**20
+
+
+def test_a_valid_complement_code_costs_the_mask_plus_a_bounded_working_set():
+    """k = 1 coded as golomb-compl with m = 1: n - 1 gaps (one unary bit each), the costliest valid code."""
+    n, p = 2**22, 12345
+    bits = np.ones(n, np.uint8)  # gap 0 is "1"; the zero after the one (at p) has gap 1: "01"
+    bits[p] = 0
+    data = bytes([mc.GOLOMB_COMPL, 1]) + np.packbits(bits).tobytes()
+    expected = np.zeros(n, bool)
+    expected[p] = True
+    out = {}
+    peak = _peak_bytes(lambda: out.setdefault("mask", decode_mask(data, n, 1)))
+    np.testing.assert_array_equal(out["mask"], expected)
+    assert peak < n + 12 * 2**20, peak  # was about 33 bytes per coded gap
