@@ -8,7 +8,15 @@ import threading
 
 import click
 
+from compress.config import CONFIG_DEFAULTS, ON_COLLAPSE
+from compress.data import DATASETS
+from compress.interspace import BASES
 from compress.methods import METHODS
+from compress.models import MODELS
+from compress.scores import SCORES
+from compress.selection import MODES, SCOPES
+from compress.strategies import STRATEGIES, option_fields
+from compress.training import OPTIMIZERS, SCHEDULES
 
 DENSITY_HELP = """
 \b
@@ -40,40 +48,72 @@ def selection_options(function):
     """Options shared by ``train`` and ``plan``: model, data, score and selection."""
     options = [
         click.option("--config", "config_file", type=click.Path(), help="YAML or TOML file of options (keys as the long option names); command-line options override it."),
-        click.option("--model", help="Model name: lenet300, lenet5, vgg16, resnet20, resnet18, or tv:<torchvision name> (e.g. tv:mobilenet_v3_small). [default: lenet5]"),
-        click.option("--data", help="Data set: fashion-mnist, mnist, cifar10, cifar100, synthetic, or imagefolder:PATH. [default: fashion-mnist]"),
+        click.option("--model", help=f"Model name: {', '.join(MODELS.names())}, or tv:<torchvision name> (e.g. "
+                     f"tv:mobilenet_v3_small). [default: {CONFIG_DEFAULTS['model']}]"),
+        click.option("--data", help=f"Data set: {', '.join(n + (':PATH' if n == 'imagefolder' else '') for n in DATASETS.names())}. "
+                     f"[default: {CONFIG_DEFAULTS['data']}]"),
         click.option("--data-root", help="Where data sets are looked for and cached [default: a per-user cache directory; /usr/share/datasets/<name> is searched too]."),
         click.option("--data-shape", help="Input shape CxHxW for synthetic and imagefolder data, e.g. 3x32x32 [default: 1x28x28 for synthetic]."),
         click.option("--num-classes", type=int, help="Class count for synthetic data [default: 10]."),
         click.option("--subset", type=int, help="Train on only the first N samples (after a seeded shuffle), for quick runs."),
         click.option("--val-split", type=float, help="Fraction of the training set held out for validation [default: 0]."),
-        click.option("--method", help=f"Preset of score and mode. {_methods_help()}. [default: snip]"),
-        click.option("--score", help="Override the method's score: random, magnitude, snip, grasp, synflow."),
+        click.option("--method", help=f"Preset of strategy, score and mode. {_methods_help()}. "
+                     f"[default: {CONFIG_DEFAULTS['method']}]"),
+        click.option("--score", help=f"Override the method's at-init score: {', '.join(SCORES.names())}."),
         click.option("--scores", help="COPS (--method cops): the two scores to combine, e.g. snip,grasp [default: snip,grasp]. "
                      "Each is normalised by the sum of its absolute values (over all layers, or per layer with "
                      "--scope layer) so that its scale does not decide the result."),
         click.option("--gamma", type=float, help="COPS: keep the top of the first score subject to <s2, m> >= gamma x "
-                     "the second score's best top-k value; 0 = first score only, 1 = a best set of the second. [default: 0.5]"),
-        click.option("--mode", type=click.Choice(["prune", "freeze"]), help="Override the method's mode: prune (zero) or freeze (seeded init)."),
+                     "the second score's best top-k value; 0 = first score only, 1 = a best set of the second. "
+                     f"[default: {CONFIG_DEFAULTS['gamma']}]"),
+        click.option("--mode", type=click.Choice(MODES), help="Override the method's mode: prune (zero) or freeze (seeded init)."),
         click.option("--density", type=float, help="Fraction of compressible weights trained, in (0, 1]."),
         click.option("--sparsity", type=float, help="Fraction of compressible weights not trained (= 1 - density)."),
-        click.option("--scope", type=click.Choice(["global", "layer"]), help="Top-k over all layers together (global) or the same density in every layer. [default: global]"),
+        click.option("--scope", type=click.Choice(SCOPES), help="Top-k over all layers together (global) or the same "
+                     f"density in every layer. [default: {CONFIG_DEFAULTS['scope']}]"),
         click.option("--interspace", is_flag=True, default=None,
                      help="Interspace pruning: every KxK conv (K > 1) becomes coefficients over a per-layer filter "
                           "basis; masks, scores and freezing apply to the coefficients, the basis is trained."),
-        click.option("--basis", type=click.Choice(["dct", "spatial"]),
+        click.option("--basis", type=click.Choice(BASES),
                      help="Initial filter basis of --interspace layers: 2-D DCT-II (orthonormal) or the spatial unit "
-                          "basis (which makes interspace pruning identical to standard pruning). [default: dct]"),
+                          "basis (which makes interspace pruning identical to standard pruning). "
+                          f"[default: {CONFIG_DEFAULTS['basis']}]"),
         click.option("--fixed-basis", is_flag=True, default=None, help="Hold the --interspace basis fixed instead of training it."),
         click.option("--include-bias/--no-include-bias", default=None, help="Also mask conv/linear biases [default: no]."),
-        click.option("--score-batches", type=int, help="Batches used to compute the score [default: 1]."),
-        click.option("--score-batch-size", type=int, help="Samples per scoring batch [default: 100, as SNIP's reference]."),
-        click.option("--on-collapse", type=click.Choice(["warn", "error"]), help="What to do when a layer would have no trained weight [default: warn]."),
-        click.option("--seed", type=int, help="32-bit seed: initial weights, data order, random scores [default: 0]."),
-        click.option("--device", help="auto, cpu or cuda[:N] [default: auto]."),
+        click.option("--score-batches", type=int, help=f"Batches used to compute the score [default: {CONFIG_DEFAULTS['score_batches']}]."),
+        click.option("--score-batch-size", type=int, help=f"Samples per scoring batch [default: {CONFIG_DEFAULTS['score_batch_size']}, "
+                     "as SNIP's reference]."),
+        click.option("--on-collapse", type=click.Choice(ON_COLLAPSE), help="What to do when a layer would have no "
+                     f"trained weight [default: {CONFIG_DEFAULTS['on_collapse']}]."),
+        click.option("--seed", type=int, help=f"32-bit seed: initial weights, data order, random scores [default: {CONFIG_DEFAULTS['seed']}]."),
+        click.option("--device", help="auto, cpu or cuda[:N]; a runtime option, not part of the run's identity: "
+                     f"--resume takes it too [default: {CONFIG_DEFAULTS['device']}]."),
     ]
     for option in reversed(options):
         function = option(function)
+    return function
+
+
+def _option_type(field) -> type:
+    """The click type of a strategy option, from its annotation (``int | None`` -> int)."""
+    annotation = str(field.type)
+    for name, kind in (("int", int), ("float", float), ("bool", bool)):
+        if annotation.split("|")[0].strip() == name:
+            return kind
+    return str
+
+
+def strategy_options(function):
+    """One option per field of every strategy's options dataclass (``--levels``, ``--prune-fraction``, ...)."""
+    seen = {}
+    for name in STRATEGIES.names():
+        for field in option_fields(STRATEGIES.get(name)):
+            seen.setdefault(field.name, (field, []))[1].append(name)
+    for field_name, (field, owners) in reversed(sorted(seen.items())):
+        methods = [m for m in METHODS.names() if METHODS.get(m).strategy in owners]
+        help_text = f"[{', '.join('--method ' + m for m in methods)}] {field.metadata.get('help', '')}"
+        function = click.option(f"--{field_name.replace('_', '-')}", field_name, type=_option_type(field),
+                                help=help_text)(function)
     return function
 
 
@@ -82,10 +122,10 @@ def training_options(function):
         click.option("--epochs", type=int, help="Training epochs [default: per model, 10 for LeNets, 30 for CNNs]."),
         click.option("--batch-size", type=int, help="Training batch size [default: 128]."),
         click.option("--lr", type=float, help="Peak learning rate [default: 0.05 for LeNets, 0.1 for CNNs]."),
-        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="sgd (with momentum) or adam [default: sgd]."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="sgd (with momentum) or adam [default: sgd]."),
         click.option("--momentum", type=float, help="SGD momentum [default: 0.9]."),
         click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD [default: no]."),
-        click.option("--schedule", type=click.Choice(["constant", "step", "multistep", "cosine"]), help="Learning-rate schedule [default: cosine]."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule [default: cosine]."),
         click.option("--step-size", type=int, help="Epochs between decays for --schedule step [default: 30]."),
         click.option("--milestones", callback=_parse_milestones, help="Comma-separated decay epochs for --schedule multistep, e.g. 30,60."),
         click.option("--lr-decay", type=float, help="Decay factor of step/multistep schedules [default: 0.1]."),
@@ -112,6 +152,7 @@ def cli():
 
 @cli.command(epilog=DENSITY_HELP)
 @selection_options
+@strategy_options
 @training_options
 @click.option("--out", type=click.Path(), help="Run directory to create (config, masks, metrics, model.safetensors, summary.json).")
 @click.option("--resume", type=click.Path(), help="Continue the interrupted run in this directory from its last finished epoch.")
@@ -128,11 +169,16 @@ def train(config_file, out, resume, overwrite, quiet, **options):
 
 @cli.command(epilog=DENSITY_HELP)
 @selection_options
-def plan(config_file, **options):
-    """Score and select, then print the per-layer table (weights, trained, density, mode) without training."""
+@strategy_options
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer plan as a JSON list of {layer, shape, "
+              "total, trained, density, mode, kind} objects.")
+def plan(config_file, as_json, **options):
+    """Score and select, then print the per-layer table (weights, trained, density, mode) without training.
+
+    For --method imp this is the plan of level 0."""
     from compress.run import plan_from_options
 
-    click.echo(plan_from_options(config_file, _overrides(options)))
+    click.echo(plan_from_options(config_file, _overrides(options), as_json=as_json))
 
 
 @cli.command()
@@ -141,7 +187,8 @@ def plan(config_file, **options):
 @click.option("--values", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="Precision of the stored trained values and dense tensors; fp32 rebuilds the run bit-exactly.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (without it, an existing file is never touched).")
-def pack(run_dir, output, values, force):
+@click.option("--level", type=int, help="For a run of levels (--method imp): the level to pack [default: the last].")
+def pack(run_dir, output, values, force, level):
     """Pack a finished run into one small artifact: trained values, coded masks, the seed.
 
     Frozen weights are not stored: they are regenerated from the 32-bit seed at load time and
@@ -150,7 +197,7 @@ def pack(run_dir, output, values, force):
     """
     from compress.packing import pack_and_report
 
-    click.echo(pack_and_report(run_dir, output, values, force))
+    click.echo(pack_and_report(run_dir, output, values, force, level))
 
 
 @cli.command()

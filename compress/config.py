@@ -7,13 +7,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress.interspace import BASES
 from compress.methods import METHODS
 from compress.rng import check_seed
 from compress.scores import SCORES
-from compress.selection import MODES, SCOPES, check_density
+from compress.selection import MODES, SCOPES, SELECTORS, check_density
 from compress.training import TrainSettings
 
 ON_COLLAPSE = ("warn", "error")
+_WORDS = {2: "two", 3: "three"}
 
 # Per-model training defaults, used for every field the user leaves unset.
 _SMALL = {"epochs": 10, "batch_size": 128, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9,
@@ -40,6 +42,7 @@ class RunConfig:
     val_split: float = 0.0
     method: str = "snip"
     score: str | None = None
+    selector: str | None = None  # how scores become masks: topk, or cops (two scores); default: the method's
     scores: list[str] | None = None  # COPS: the two scores to combine
     gamma: float = 0.5  # COPS: fraction of the second score's best value the mask must keep
     mode: str | None = None
@@ -66,35 +69,46 @@ class RunConfig:
     lr_decay: float | None = None
     weight_decay: float | None = None
     eval_every: int | None = None
-    extras: dict = field(default_factory=dict)
+    strategy_options: dict = field(default_factory=dict)  # the options of the method's strategy (--levels, ...)
+    extras: dict = field(default_factory=dict)  # unused; kept so that config.json files that have it still load
 
     def resolved(self) -> "RunConfig":
         """A copy with every default filled in and every field validated."""
+        from compress.strategies import STRATEGIES, build_options
+
         config = dataclasses.replace(self)
         method = METHODS.get(config.method)
-        if method.score is None:
-            if config.density not in (None, 1.0):
-                raise UserError(f"method 'dense' trains every weight; drop --density/--sparsity ({config.density})")
-            config.density = 1.0
-        if config.density is None:
-            raise UserError("give the fraction of weights to train: --density D or --sparsity S (= 1 - D)")
-        config.density = check_density(config.density)
-        config.score = config.score or method.score
+        strategy = STRATEGIES.get(method.strategy)
+        if method.strategy == "oneshot":
+            if method.score is None and not method.scores:
+                if config.density not in (None, 1.0):
+                    raise UserError(f"method 'dense' trains every weight; drop --density/--sparsity ({config.density})")
+                config.density = 1.0
+            if config.density is None:
+                raise UserError("give the fraction of weights to train: --density D or --sparsity S (= 1 - D)")
+        if config.density is not None:
+            config.density = check_density(config.density)
+        config.selector = config.selector or method.selector
+        selector = SELECTORS.get(config.selector)
         if isinstance(config.scores, str):
             config.scores = [name.strip() for name in config.scores.split(",") if name.strip()]
-        if config.score == "cops":
-            config.scores = config.scores or ["snip", "grasp"]
-            if len(config.scores) != 2:
-                raise UserError(f"COPS combines exactly two scores (--scores A,B), got {len(config.scores)}: "
-                                 f"{','.join(config.scores)}; more than two is not implemented yet")
+        if selector.arity > 1:
+            if config.score is not None:
+                raise UserError(f"--method {config.method} combines --scores A,B; drop --score")
+            config.scores = list(config.scores or method.scores)
+            if len(config.scores) != selector.arity:
+                raise UserError(f"{config.selector} combines exactly {_WORDS.get(selector.arity, selector.arity)} scores "
+                                f"(--scores A,B), got "
+                                f"{len(config.scores)}: {','.join(config.scores)}")
             for name in config.scores:
                 SCORES.get(name)
-            if isinstance(config.gamma, bool) or not isinstance(config.gamma, (int, float)) or not 0 <= config.gamma <= 1:
-                raise UserError(f"gamma must be in [0, 1], got {config.gamma!r}")
-        elif config.scores:
-            raise UserError("--scores combines scores with COPS; use it with --method cops")
-        elif config.score is not None:
-            SCORES.get(config.score)
+            selector.options(self.selector_options(config))
+        else:
+            if config.scores:
+                raise UserError("--scores combines several scores; use it with --method cops")
+            config.score = config.score or method.score
+            if config.score is not None:
+                SCORES.get(config.score)
         config.mode = config.mode or method.mode
         if config.mode not in MODES:
             raise UserError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
@@ -103,8 +117,8 @@ class RunConfig:
         if config.on_collapse not in ON_COLLAPSE:
             raise UserError(f"unknown on-collapse {config.on_collapse!r}; known: {', '.join(ON_COLLAPSE)}")
         config.seed = check_seed(config.seed)
-        if config.basis not in ("dct", "spatial"):
-            raise UserError(f"unknown basis {config.basis!r}; known: dct, spatial")
+        if config.basis not in BASES:
+            raise UserError(f"unknown basis {config.basis!r}; known: {', '.join(BASES)}")
         if not config.interspace and (config.basis != "dct" or config.fixed_basis):
             raise UserError("--basis and --fixed-basis apply to interspace pruning; add --interspace")
         for name in ("score_batches", "score_batch_size"):
@@ -128,7 +142,32 @@ class RunConfig:
             if getattr(config, name) is None:
                 setattr(config, name, defaults.get(name, getattr(base, name)))
         config.train_settings().validate()
+        if not isinstance(config.strategy_options, dict):
+            raise UserError(f"strategy options must be a mapping of option names to values, got {config.strategy_options!r}")
+        options = build_options(method.strategy, config.strategy_options)
+        strategy.check(config, options)
+        config.strategy_options = dataclasses.asdict(options)
         return config
+
+    @staticmethod
+    def selector_options(config: "RunConfig") -> dict:
+        """The options of the config's selector (COPS: gamma)."""
+        return {"gamma": config.gamma} if "gamma" in SELECTORS.get(config.selector).defaults else {}
+
+    def score_names(self) -> list[str]:
+        """The at-init scores the selector combines: ``[score]``, the ``scores`` of COPS, or none."""
+        return list(self.scores) if self.scores else ([self.score] if self.score is not None else [])
+
+    @property
+    def strategy(self) -> str:
+        """The registered strategy of the method: who owns the masks over time."""
+        return METHODS.get(self.method).strategy
+
+    def strategy_settings(self):
+        """The strategy's options dataclass (resolve the config first)."""
+        from compress.strategies import build_options
+
+        return build_options(self.strategy, self.strategy_options)
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(**{name: getattr(self, name) for name in TRAIN_FIELDS})
@@ -142,16 +181,32 @@ class RunConfig:
 
 
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
+CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 
 
 def config_from_dict(values: dict, source: str = "config") -> RunConfig:
     """Build a RunConfig from a dict whose keys may use dashes; ``sparsity`` is turned into density."""
-    clean = {}
+    from compress.strategies import all_option_names
+
+    strategy_keys = all_option_names()
+    clean: dict = {}
+    strategy_options = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in strategy_keys:
+            strategy_options[name] = value
+            continue
         if name not in CONFIG_FIELDS + ["sparsity"]:
-            raise UserError(f"{source}: unknown key {key!r}; known: {', '.join(CONFIG_FIELDS + ['sparsity'])}")
+            known = sorted(CONFIG_FIELDS + ["sparsity"] + list(strategy_keys))
+            raise UserError(f"{source}: unknown key {key!r}; known: {', '.join(known)}")
         clean[name] = value
+    if strategy_options:
+        if not isinstance(clean.get("strategy_options", {}), dict):
+            raise UserError(f"{source}: strategy_options must be a mapping")
+        clean["strategy_options"] = {**clean.get("strategy_options", {}), **strategy_options}
+    if clean.get("score") == "cops":  # config.json of earlier versions: COPS was a pseudo-score
+        clean["score"] = None
+        clean.setdefault("selector", "cops")
     if "sparsity" in clean:
         if clean.get("density") is not None:
             raise UserError(f"{source}: give density or sparsity, not both")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.selection import _top_k_flat
+from compress.selection import _top_k_flat, register_selector
 
 MAX_BISECTIONS = 2000
 SAMPLE = 100_000
@@ -60,13 +60,19 @@ def _check_inputs(s1: torch.Tensor, s2: torch.Tensor, k: int, gamma: float) -> t
         raise UserError(f"scores must be flat tensors of equal length, got shapes {tuple(s1.shape)} and {tuple(s2.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= s1.numel():
         raise UserError(f"k must be an integer in [0, {s1.numel()}], got {k!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise UserError(f"gamma must be in [0, 1], got {gamma!r}")
+    check_gamma(gamma)
     a, b = s1.detach().double().cpu(), s2.detach().double().cpu()
     for name, value in (("s1", a), ("s2", b)):
         if not torch.isfinite(value).all():
             raise UserError(f"score {name} has non-finite entries (nan or inf); COPS needs finite scores")
     return a, b
+
+
+def check_gamma(gamma: object) -> float:
+    """gamma is the fraction of the second score's best value that the mask must keep, in [0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise UserError(f"gamma must be in [0, 1], got {gamma!r}")
+    return float(gamma)
 
 
 def constraint_target(s2: torch.Tensor, k: int, gamma: float) -> float:
@@ -261,3 +267,12 @@ def cops_masks(
         masks[name] = keep[offset : offset + count].reshape(first[name].shape)
         offset += count
     return masks
+
+
+@register_selector(
+    "cops", 2, label=lambda names, options: f"cops({','.join(names)};gamma={options['gamma']:g})",
+    defaults={"gamma": 0.5}, check=lambda options: {"gamma": check_gamma(options["gamma"])},
+)
+def cops_selector(scores, density, scope, options):
+    """COPS of the two scores (see ``cops_masks``)."""
+    return cops_masks(scores[0], scores[1], density, scope, options["gamma"])

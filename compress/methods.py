@@ -1,4 +1,5 @@
-"""Method presets: a method name is a score plus a default mode (``--score``/``--mode`` override them)."""
+"""Method presets: a method name is a strategy, a score and a default mode (``--score``/``--mode`` override
+the last two)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +9,12 @@ from compress.registry import Registry
 
 @dataclass(frozen=True)
 class Method:
-    score: str | None  # None: no selection (dense training)
+    score: str | None  # None: no at-init selection (dense training, or a strategy that selects later)
     mode: str
     description: str
+    strategy: str = "oneshot"  # the registered strategy that owns the masks over time
+    selector: str = "topk"  # the registered selector that turns its score(s) into masks
+    scores: tuple[str, ...] = ()  # the default scores of a selector that combines several
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -21,5 +25,9 @@ METHODS.register("snip")(Method("snip", "prune", "SNIP connection sensitivity |t
 METHODS.register("grasp")(Method("grasp", "prune", "GraSP gradient-flow score, rest pruned"))
 METHODS.register("synflow")(Method("synflow", "prune", "iterative data-free SynFlow, rest pruned"))
 METHODS.register("magnitude")(Method("magnitude", "prune", "largest |theta| at init, rest pruned"))
-METHODS.register("cops")(Method("cops", "prune", "COPS: top of one score subject to keeping gamma of another's best (--scores, --gamma), rest pruned"))
+METHODS.register("cops")(Method(None, "prune", "COPS: top of one score subject to keeping gamma of another's best "
+                                               "(--scores, --gamma), rest pruned", selector="cops",
+                                 scores=("snip", "grasp")))
 METHODS.register("random")(Method("random", "prune", "uniformly random selection, rest pruned"))
+METHODS.register("imp")(Method(None, "prune", "lottery tickets: iterative magnitude pruning with rewinding "
+                                             "(--levels or --density, --prune-fraction, --rewind)", "imp"))

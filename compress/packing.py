@@ -75,10 +75,33 @@ def check_run_consistency(state: dict, masks: dict, mode: str, seed: int, model:
             raise UserError(f"run is inconsistent: untrained entries of {name} are not {what}")
 
 
-def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False) -> dict:
+def trained_directory(run_dir: Path, level: int | None) -> Path:
+    """Where the finished model to pack is: the run directory, or one level of a run of levels (the last
+    by default)."""
+    if not (run_dir / "level_0").is_dir():
+        if level is not None:
+            raise UserError(f"--level applies to runs of levels (--method imp); {run_dir} has none: drop --level")
+        return run_dir
+    if level is None:
+        if not (run_dir / "summary.json").is_file():
+            raise UserError(f"{run_dir} is not finished; finish it with compress train --resume {run_dir}, or pack "
+                            "a finished level with --level K")
+        level = _read_json(run_dir / "summary.json", "run summary").get("level")
+        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            raise UserError(f"{run_dir}/summary.json does not name its last level; the run directory is damaged")
+    directory = run_dir / f"level_{level}"
+    if isinstance(level, bool) or level < 0 or not directory.is_dir():
+        levels = sorted(int(p.name[6:]) for p in run_dir.glob("level_*") if p.name[6:].isdigit())
+        raise UserError(f"{run_dir} has no level {level}; its levels are {', '.join(map(str, levels))}")
+    return directory
+
+
+def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False,
+             level: int | None = None) -> dict:
     """Write the artifact of the finished run in ``run_dir`` to ``out`` (atomically); returns its report.
 
-    An existing ``out`` is replaced only with ``force``."""
+    For a run of levels (IMP) the last level is packed, or ``level``. An existing ``out`` is replaced only
+    with ``force``."""
     import compress
     import formats
 
@@ -87,18 +110,19 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         raise UserError(f"unknown --values {values!r}; known: {', '.join(VALUE_DTYPES)}")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    if not (run_dir / "summary.json").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise UserError(f"{run_dir} is not a finished run (no summary.json/model.safetensors); finish it with "
-                         f"compress train --resume {run_dir}")
+    trained = trained_directory(run_dir, level)
+    if not (trained / "summary.json").is_file() or not (trained / "model.safetensors").is_file():
+        raise UserError(f"{trained} is not a finished run (no summary.json/model.safetensors); finish it with "
+                        f"compress train --resume {run_dir}")
     check_output_file(out, force)
     config = _read_json(run_dir / "config.json", "run config")
-    summary = _read_json(run_dir / "summary.json", "run summary")
+    summary = _read_json(trained / "summary.json", "run summary")
     missing = [key for key in SUMMARY_KEYS if key not in summary] + (["seed"] if "seed" not in config else [])
     if missing:
         raise UserError(f"{run_dir} lacks {', '.join(missing)} in summary.json/config.json; the run directory is "
                         "damaged or from another tool: rerun it")
-    state = _read_tensors(run_dir / "model.safetensors", "trained model")
-    masks_path = run_dir / "masks.safetensors"
+    state = _read_tensors(trained / "model.safetensors", "trained model")
+    masks_path = trained / "masks.safetensors"
     masks = {k: v.bool() for k, v in _read_tensors(masks_path, "masks").items()} if masks_path.is_file() else {}
     architecture = {"model": summary["model"], "input_shape": summary["input_shape"],
                     "num_classes": summary["num_classes"]}
@@ -109,7 +133,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         architecture["interspace"] = {"layers": list(interspace["layers"])}
     reference = model.state_dict()
     if sorted(state) != sorted(reference) or any(state[k].shape != reference[k].shape for k in reference):
-        raise UserError(f"{run_dir}/model.safetensors does not match the architecture {architecture['model']}")
+        raise UserError(f"{trained}/model.safetensors does not match the architecture {architecture['model']}")
     state = {name: state[name] for name in reference}  # the model's own order
     bad = sorted(name for name, mask in masks.items() if name not in state or mask.shape != state[name].shape)
     if bad:
@@ -123,6 +147,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         "trained_params": summary["trained_params"], "total_params": summary["total_params"],
         "test_acc": summary["test_acc"],
         "normalization": summary.get("normalization", {}),
+        **({"level": summary["level"], "strategy": summary.get("strategy")} if summary.get("level") is not None else {}),
         "config": {key: config.get(key) for key in MANIFEST_CONFIG_KEYS},
         "versions": {"compress": compress.__version__, "torch": torch.__version__.split("+")[0],
                      "numpy": np.__version__, "safetensors": safetensors.__version__},
@@ -138,11 +163,12 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
     return formats.read_info(out)
 
 
-def pack_and_report(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False) -> str:
+def pack_and_report(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False,
+                    level: int | None = None) -> str:
     """What ``compress pack`` does: pack, then the storage report as text."""
     from formats.report import format_info
 
-    info = pack_run(run_dir, out, values, force)
+    info = pack_run(run_dir, out, values, force, level)
     return f"wrote {out}\n" + format_info(info)
 
 

@@ -4,13 +4,19 @@
 Global scope keeps the top ``round(density * N)`` entries over all scored parameters together;
 layer scope keeps ``round(density * n_l)`` in every layer. Ties are broken by position (earlier
 parameter, then lower flat index), so a selection is deterministic on every machine.
+
+Selectors (registered in ``SELECTORS``) turn one or more scores into masks: ``topk`` here, ``cops`` in
+``compress.cops``; ``select_with`` validates the scores and options and returns a Plan.
 """
 from __future__ import annotations
 
 from compress.errors import UserError, UserTypeError
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+from compress.registry import Registry
 
 MODES = ("prune", "freeze")
 SCOPES = ("global", "layer")
@@ -98,11 +104,87 @@ def top_k_masks(scores: dict[str, torch.Tensor], density: float, scope: str) -> 
     return masks
 
 
+@dataclass(frozen=True)
+class Selector:
+    """A registered way to turn ``arity`` scores into masks: ``selector(scores, density, scope, options)``."""
+
+    function: Callable[[list[dict[str, torch.Tensor]], float, str, dict], dict[str, torch.Tensor]]
+    arity: int  # how many scores it takes
+    label: Callable[[list[str], dict], str]  # (score names, options) -> the plan's score label
+    defaults: dict = field(default_factory=dict)  # its options and their defaults
+    check: Callable[[dict], dict] = dict  # validates (and normalises) complete options; raises UserError
+
+    def __call__(self, scores: list[dict[str, torch.Tensor]], density: float, scope: str, options: dict):
+        return self.function(scores, density, scope, options)
+
+    def options(self, given: dict) -> dict:
+        """The defaults updated with ``given``, validated; an unknown option lists the known ones."""
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise UserError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {known}")
+        return self.check({**self.defaults, **given})
+
+    def describe(self, score_names: list[str], options: dict) -> str:
+        """The plan's label, e.g. ``snip`` or ``cops(snip,grasp;gamma=0.5)``."""
+        return self.label(list(score_names), self.options(options))
+
+
+SELECTORS: Registry[Selector] = Registry("selector")
+
+
+def register_selector(name: str, arity: int, label: Callable[[list[str], dict], str], defaults: dict | None = None,
+                      check: Callable[[dict], dict] = dict):
+    """Decorator: register ``function(scores, density, scope, options) -> masks`` as selector ``name``."""
+
+    def add(function):
+        SELECTORS.register(name)(Selector(function, arity, label, defaults or {}, check))
+        return function
+
+    return add
+
+
+@register_selector("topk", 1, label=lambda names, options: names[0])
+def topk_selector(scores, density, scope, options):
+    """The top entries of the one score."""
+    return top_k_masks(scores[0], density, scope)
+
+
+def select_with(
+    selector: str,
+    scores: list[dict[str, torch.Tensor]],
+    density: float,
+    scope: str,
+    mode: str,
+    options: dict,
+    score_names: list[str],
+) -> Plan:
+    """Turn scores into a Plan with a registered selector; the Plan's ``score`` is its description."""
+    chosen = SELECTORS.get(selector)
+    check_choice("mode", mode, MODES)
+    density = check_density(density)
+    check_choice("scope", scope, SCOPES)
+    if len(scores) != chosen.arity:
+        raise UserError(f"selector {selector!r} takes exactly {chosen.arity} score(s), got {len(scores)}")
+    if len(score_names) != len(scores):
+        raise UserError(f"give one name per score: {len(score_names)} name(s) for {len(scores)} score(s)")
+    if not scores[0]:
+        raise UserError("nothing to select: no compressible parameters were scored")
+    shapes = {name: value.shape for name, value in scores[0].items()}
+    for names, other in zip(score_names[1:], scores[1:]):
+        if {name: value.shape for name, value in other.items()} != shapes:
+            raise UserError(f"score {names!r} covers other parameters or shapes than {score_names[0]!r}; "
+                            "score the same parameters with every score")
+    options = chosen.options(options)
+    masks = chosen(scores, density, scope, options)
+    return Plan(mode=mode, masks=masks, density=density, scope=scope, score=chosen.label(list(score_names), options))
+
+
 def select(
     scores: dict[str, torch.Tensor], density: float, scope: str = "global", mode: str = "prune", score: str = ""
 ) -> Plan:
     """Turn scores into a Plan: the top entries at ``density`` are trained, the rest pruned or frozen."""
-    check_choice("mode", mode, MODES)
-    if not scores:
-        raise UserError("nothing to select: no compressible parameters were scored")
-    return Plan(mode=mode, masks=top_k_masks(scores, density, scope), density=density, scope=scope, score=score)
+    return select_with("topk", [scores], density, scope, mode, {}, [score])
+
+
+import compress.cops  # noqa: E402,F401  (registers the "cops" selector)

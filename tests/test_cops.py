@@ -6,6 +6,8 @@ from scipy.optimize import linprog
 
 from cli.main import main
 from compress.cops import combine, combine_many, constraint_target, cops_masks, normalise, solve_relaxed
+from compress.errors import UserError
+from compress.selection import SELECTORS, select_with
 
 
 @pytest.fixture(autouse=True)
@@ -149,6 +151,28 @@ def test_cops_masks_have_the_density_globally_and_per_layer():
     layer_masks = cops_masks(first, second, 0.1, "layer", 0.5)
     assert int(layer_masks["a"].sum()) == 60 and int(layer_masks["b"].sum()) == 10
     assert layer_masks["a"].shape == (20, 30)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_cops_selector_equals_cops_masks(scope):
+    generator = torch.Generator().manual_seed(3)
+    first = {"a": torch.randn(20, 30, generator=generator), "b": torch.randn(100, generator=generator)}
+    second = {"a": torch.rand(20, 30, generator=generator), "b": torch.rand(100, generator=generator)}
+    for gamma in (0.0, 0.5, 0.9):
+        plan = select_with("cops", [first, second], 0.1, scope, "prune", {"gamma": gamma}, ["snip", "grasp"])
+        expected = cops_masks(first, second, 0.1, scope, gamma)
+        assert all(torch.equal(plan.masks[name], expected[name]) for name in first)
+        assert plan.score == f"cops(snip,grasp;gamma={gamma:g})"
+    default = select_with("cops", [first, second], 0.1, scope, "prune", {}, ["snip", "grasp"])
+    assert default.score == "cops(snip,grasp;gamma=0.5)"
+    assert SELECTORS.get("cops").describe(["snip", "grasp"], {}) == "cops(snip,grasp;gamma=0.5)"
+
+
+@pytest.mark.parametrize("gamma", [1.5, -0.1, "0.5", True])
+def test_cops_selector_checks_gamma_before_solving(gamma):
+    scores = [{"w": torch.rand(10)}, {"w": torch.rand(10)}]
+    with pytest.raises(UserError, match="gamma must be in \\[0, 1\\]"):
+        select_with("cops", scores, 0.5, "global", "prune", {"gamma": gamma}, ["a", "b"])
 
 
 @pytest.mark.parametrize("extra", [[], ["--scope", "layer", "--mode", "freeze"]])

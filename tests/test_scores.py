@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.errors import UserError
 from compress.init import initialise
+from compress.models import build_model
 from compress.rng import uniform
-from compress.scores import SCORES, score
+from compress.scores import SCORES, ScoreContext, score
 from compress.scores.grasp import TEMPERATURE, hessian_gradient_product
 from compress.selection import select
 
@@ -161,3 +163,71 @@ def test_unknown_score_lists_known_ones():
 def test_scoring_a_parameter_the_model_lacks_is_an_error():
     with pytest.raises(ValueError, match="not parameters of the model"):
         score(tiny_mlp(), "magnitude", [], ["nope.weight"])
+
+
+def test_synflow_layer_scope_prunes_every_round_per_layer():
+    # Before: rounds ranked globally and a per-layer re-selection kept 1038 zero-score entries in fc1.
+    model = initialise(build_model("lenet300", (1, 28, 28), 10), 0)
+    result = score(model, "synflow", batch(shape=(1, 28, 28)), density=0.01, scope="layer")
+    plan = select(result, 0.01, "layer")
+    for name, value in result.items():
+        assert not bool((value[plan.masks[name]] == 0).any()), name
+        assert torch.equal(plan.masks[name], value > 0), name  # the iterative mask
+        assert int(plan.masks[name].sum()) == round(0.01 * value.numel())
+
+
+@pytest.mark.parametrize("name", SCORES.names())
+def test_every_score_gives_zero_outside_the_current_masks(name):
+    model = tiny_cnn()
+    g = torch.Generator().manual_seed(2)
+    masks = {p: torch.rand(model.get_parameter(p).shape, generator=g) < 0.5 for p in ("0.weight", "4.weight")}
+    with torch.no_grad():
+        for p, mask in masks.items():
+            model.get_parameter(p).mul_(mask)  # the caller has pruned them
+    result = score(model, name, batch(shape=(1, 6, 6)), density=0.2, seed=1, masks=masks)
+    for p, mask in masks.items():
+        assert bool((result[p][~mask] == 0).all()), p
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_synflow_starts_from_the_masks_and_never_reselects_removed_entries(scope):
+    model = tiny_cnn()
+    masks = {"0.weight": torch.ones(3, 1, 3, 3, dtype=torch.bool), "4.weight": torch.rand(3, 48) < 0.4}
+    result = score(model, "synflow", batch(shape=(1, 6, 6)), density=0.3, scope=scope, masks=masks)
+    plan = select(result, 0.3, scope)
+    assert not bool(plan.masks["4.weight"][~masks["4.weight"]].any())
+    assert all(bool((result[p][plan.masks[p]] > 0).all()) for p in result)
+
+
+def test_dropout_during_scoring_is_seeded_and_the_caller_rng_is_untouched():
+    model = initialise(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)), 0)
+    batches = batch()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = score(model, "snip", batches, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = score(model, "snip", batches, seed=4)
+    other = score(model, "snip", batches, seed=5)
+    assert all(torch.equal(first[p], second[p]) for p in first)
+    assert any(not torch.equal(first[p], other[p]) for p in first)  # dropout did act, with another seed
+
+
+def test_context_generator_is_seeded_by_seed_and_score_name():
+    draw = lambda context: torch.rand(4, generator=context.generator())  # noqa: E731
+    assert torch.equal(draw(ScoreContext(None, seed=1, name="a")), draw(ScoreContext(None, seed=1, name="a")))
+    assert not torch.equal(draw(ScoreContext(None, seed=1, name="a")), draw(ScoreContext(None, seed=1, name="b")))
+    assert not torch.equal(draw(ScoreContext(None, seed=1, name="a")), draw(ScoreContext(None, seed=2, name="a")))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scope": "row"}, "unknown scope 'row'"),
+        ({"masks": {"2.weight": torch.ones(3, 4)}}, "must be a bool tensor of shape"),
+        ({"masks": {"0.weight": torch.ones(3, 5, dtype=torch.bool)}}, "must be a bool tensor of shape"),
+        ({"masks": {"0.bias": torch.ones(4, dtype=torch.bool)}}, "not scored"),
+    ],
+)
+def test_bad_scope_or_masks_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        score(tiny_mlp(), "magnitude", [], **kwargs)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from compress.selection import Plan, select, top_k_masks
+from compress.errors import UserError
+from compress.selection import SELECTORS, Plan, select, select_with, top_k_masks
 
 
 def scores():
@@ -69,3 +70,49 @@ def test_unknown_mode_and_scope_are_rejected():
 def test_plan_reports_actual_density():
     plan = Plan("prune", {"w": torch.tensor([True, False, False, False])}, 0.25, "global", "x")
     assert plan.actual_density == 0.25 and plan.total == 4 and plan.trained == 1
+
+
+def selector_scores(count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"w1": torch.rand(20, 30, generator=g), "w2": torch.rand(100, generator=g)} for _ in range(count)]
+
+
+def test_unknown_selector_lists_the_known_ones():
+    with pytest.raises(UserError, match="unknown selector 'best'; known: cops, topk"):
+        select_with("best", selector_scores(1), 0.1, "global", "prune", {}, ["snip"])
+
+
+@pytest.mark.parametrize("name", SELECTORS.names())
+def test_every_selector_checks_its_score_count_and_keeps_exact_counts(name):
+    arity = SELECTORS.get(name).arity
+    for wrong in (arity - 1, arity + 1):
+        with pytest.raises(UserError, match=f"takes exactly {arity} score"):
+            select_with(name, selector_scores(wrong), 0.1, "global", "prune", {}, [f"s{i}" for i in range(wrong)])
+    for density in (0.013, 0.1, 0.5):
+        plan = select_with(name, selector_scores(arity), density, "global", "freeze", {},
+                           [f"s{i}" for i in range(arity)])
+        assert {k: v.shape for k, v in plan.masks.items()} == {"w1": (20, 30), "w2": (100,)}
+        assert all(m.dtype == torch.bool for m in plan.masks.values())
+        assert plan.trained == round(density * 700) and plan.mode == "freeze" and plan.score
+
+
+@pytest.mark.parametrize("name", SELECTORS.names())
+def test_every_selector_rejects_unknown_options_and_mismatched_scores(name):
+    selector = SELECTORS.get(name)
+    names = [f"s{i}" for i in range(selector.arity)]
+    known = ", ".join(sorted(selector.defaults)) or "none"
+    with pytest.raises(UserError, match=f"unknown option\\(s\\) 'nope'; known: {known}"):
+        select_with(name, selector_scores(selector.arity), 0.1, "global", "prune", {"nope": 1}, names)
+    if selector.arity > 1:
+        scores = selector_scores(selector.arity)
+        scores[1] = {"w1": scores[1]["w1"]}
+        with pytest.raises(UserError, match="other parameters or shapes"):
+            select_with(name, scores, 0.1, "global", "prune", {}, names)
+
+
+def test_topk_selector_is_select_and_is_labelled_by_the_score_name():
+    scores = selector_scores(1)[0]
+    plan = select_with("topk", [scores], 0.1, "layer", "prune", {}, ["snip"])
+    assert plan.score == "snip" and SELECTORS.get("topk").describe(["snip"], {}) == "snip"
+    reference = select(scores, 0.1, "layer")
+    assert all(torch.equal(plan.masks[k], reference.masks[k]) for k in scores)

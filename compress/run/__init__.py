@@ -16,7 +16,7 @@ from compress.run.lock import RunLock
 from compress.run.options import plan_from_options, train_from_options
 from compress.run.pipeline import (LayerRow, Prepared, check_trains_something, describe_device, load_run_data, log,
                                    plan_rows, plan_run, prepare, resolve_device, scoring_batches)
-from compress.run.resume import check_masks, read_run_config, resume_run
+from compress.run.resume import read_run_config, resume_run
 from compress.run.rundir import (CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE,
                                  PLAN_FILE, RUN_FILES, SUMMARY_FILE, foreign_entries, is_run_directory)
 from compress.run.runner import same_config, train_prepared, train_run
@@ -26,7 +26,7 @@ from compress.run.table import format_plan
 
 __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "LOCK_FILE", "MASKS_FILE", "METRICS_FILE", "MODEL_FILE", "PLAN_FILE",
-    "RUN_FILES", "SUMMARY_FILE", "Checkpoint", "LayerRow", "Prepared", "RunLock", "check_masks",
+    "RUN_FILES", "SUMMARY_FILE", "Checkpoint", "LayerRow", "Prepared", "RunLock",
     "check_trains_something", "check_writable", "describe_device", "foreign_entries", "format_plan",
     "is_run_directory", "load_run_data", "log", "make_summary", "plan_from_options", "plan_rows", "plan_run",
     "prepare", "read_checkpoint", "read_run_config", "resolve_device", "resume_run", "same_config",

@@ -35,12 +35,16 @@ class Checkpoint:
     optimizer_state: dict[str, torch.Tensor]
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
-    """Write the checkpoint after epoch ``len(history)``, with the metrics history in its metadata."""
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict],
+                    masks: dict[str, torch.Tensor] | None = None, strategy: dict | None = None) -> None:
+    """Write the checkpoint after epoch ``len(history)``: model, optimizer, the current masks, and in its
+    metadata the metrics history and the strategy's state (JSON)."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update(optimizer_state_tensors(optimizer, model))
+    tensors.update({f"mask/{name}": mask for name, mask in (masks or {}).items()})
     metadata = {"format": CHECKPOINT_FORMAT, "epoch": str(len(history)),
-                "metrics": json.dumps(history, sort_keys=True), "keys": json.dumps(sorted(tensors))}
+                "metrics": json.dumps(history, sort_keys=True), "keys": json.dumps(sorted(tensors)),
+                "strategy": json.dumps(strategy or {}, sort_keys=True)}
     write_tensors(run_dir / CHECKPOINT_FILE, tensors, metadata)
 
 
@@ -49,8 +53,11 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history).encode())
 
 
-def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, shown: str | Path) -> Checkpoint:
-    """The validated checkpoint of ``run_dir`` for ``model``; epoch 0 (nothing) when there is none yet."""
+def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, shown: str | Path,
+                    masks: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+    """The validated checkpoint of ``run_dir`` for ``model``; epoch 0 (nothing) when there is none yet.
+
+    Masks in the checkpoint must equal ``masks`` (the level's stored masks)."""
     path = run_dir / CHECKPOINT_FILE
     if not path.exists():
         return Checkpoint(0, [], {}, {})
@@ -78,6 +85,10 @@ def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, sh
         missing = sorted(set(recorded) - set(tensors))
         if missing:
             raise bad(f"lacks the tensor(s) {', '.join(missing[:3])}")
+    stored_masks = {k[len("mask/"):]: tensors.pop(k) for k in list(tensors) if k.startswith("mask/")}
+    if stored_masks and (sorted(stored_masks) != sorted(masks or {})
+                         or any(not torch.equal(stored_masks[n], masks[n].cpu()) for n in stored_masks)):
+        raise bad(f"holds masks that differ from {run_dir}'s masks.safetensors")
     model_state = _model_state(tensors, model, bad)
     optimizer_state = _optimizer_state(tensors, model, settings, bad)
     return Checkpoint(epoch, history, model_state, optimizer_state)

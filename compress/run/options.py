@@ -1,6 +1,7 @@
 """What the ``train`` and ``plan`` commands do with their options."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from compress.config import build_config
@@ -30,12 +31,16 @@ def train_from_options(
                 f"--resume takes every setting from {Path(resume) / CONFIG_FILE}; drop --out, --config and "
                 f"the other options ({', '.join(extra) or '--out/--config'})"
             )
-        return resume_run(resume, progress=progress)
+        return resume_run(resume, progress=progress, device=overrides.get("device"))
     if out is None:
         raise UserError("give a run directory with --out DIR (or continue one with --resume DIR)")
     return train_run(build_config(config_file, overrides), out, overwrite=overwrite, progress=progress)
 
 
-def plan_from_options(config_file: str | None, overrides: dict) -> str:
-    """What ``compress plan`` does: build the config, score and select, and return the table."""
-    return format_plan(plan_run(build_config(config_file, overrides)))
+def plan_from_options(config_file: str | None, overrides: dict, as_json: bool = False) -> str:
+    """What ``compress plan`` does: build the config, score and select, and return the table (or JSON)."""
+    prepared = plan_run(build_config(config_file, overrides))
+    if as_json:
+        return json.dumps([{"layer": r.name, "shape": r.shape, "total": r.weights, "trained": r.trained,
+                            "density": r.density, "mode": r.mode, "kind": r.kind} for r in prepared.rows], indent=2)
+    return format_plan(prepared)

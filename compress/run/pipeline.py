@@ -8,14 +8,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from compress.config import RunConfig
-from compress.cops import cops_masks
 from compress.data import Data, load_data
 from compress.init import initialise
 from compress.interspace import to_interspace
 from compress.models import build_model
 from compress.params import compressible_parameters
 from compress.scores import score as compute_scores
-from compress.selection import Plan, select
+from compress.selection import Plan, select_with
 from compress.training import derived_seed
 from formats.errors import UserError
 
@@ -116,7 +115,8 @@ def plan_rows(model: torch.nn.Module, plan: Plan | None, mode: str) -> list[Laye
     return rows
 
 
-def check_trains_something(config: RunConfig, sizes: list[int], trained: int | None = None) -> None:
+def check_trains_something(config: RunConfig, sizes: list[int], trained: int | None = None,
+                           density: float | None = None) -> None:
     """A plan that trains no weight at all is an error naming the smallest density that trains one.
 
     Selection keeps ``round(density * n)`` entries (of all ``n`` together, or of every layer with
@@ -124,55 +124,77 @@ def check_trains_something(config: RunConfig, sizes: list[int], trained: int | N
     """
     if not sizes:
         return
+    density = config.density if density is None else density
     if trained is None:
         counts = sizes if config.scope == "layer" else [sum(sizes)]
-        trained = sum(round(config.density * n) for n in counts)
+        trained = sum(round(density * n) for n in counts)
     if trained > 0:
         return
     smallest = 1.0 / (max(sizes) if config.scope == "layer" else sum(sizes))
     raise UserError(
-        f"density {config.density:g} trains no weight at all of {config.model} ({sum(sizes):,} compressible "
+        f"density {density:g} trains no weight at all of {config.model} ({sum(sizes):,} compressible "
         f"weights, {config.scope} scope); use --density {smallest:.3g} or more, which trains at least one weight"
     )
 
 
-def prepare(config: RunConfig, *, quiet: bool = False) -> Prepared:
-    """Resolve the config, load data, build and initialise the model, score and select."""
-    config = config.resolved()
-    device = resolve_device(config.device)
-    data = load_run_data(config)
+def plan_from_masks(config: RunConfig, model: torch.nn.Module, masks: dict[str, torch.Tensor], label: str) -> Plan:
+    """A plan from stored masks (resume never scores again); they must fit the model's compressible parameters."""
+    params = compressible_parameters(model, config.include_bias)
+    if sorted(masks) != sorted(params) or any(masks[n].shape != model.get_parameter(n).shape for n in params):
+        raise UserError(f"the stored masks do not fit the parameters of {config.model}: the run directory is "
+                        "damaged or from another version; start a new run with --overwrite")
+    device = next(model.parameters()).device
+    return Plan(config.mode, {n: masks[n].to(device, torch.bool) for n in params}, config.density, config.scope, label)
+
+
+def initialised_model(config: RunConfig, data: Data, seed: int) -> tuple[torch.nn.Module, list[str]]:
+    """The run's model (interspace layers converted) initialised from ``seed``, and its interspace layers."""
     model = build_model(config.model, data.input_shape, data.num_classes)
     layers = to_interspace(model, config.basis, not config.fixed_basis) if config.interspace else []
     if config.interspace and not layers:
         raise UserError(f"model {config.model} has no convolution larger than 1x1: --interspace has nothing to do; "
                         "drop --interspace")
-    initialise(model, config.seed)
+    initialise(model, seed)
+    return model, layers
+
+
+def prepare(config: RunConfig, *, quiet: bool = False, masks: dict[str, torch.Tensor] | None = None,
+            masks_label: str = "") -> Prepared:
+    """Resolve the config, load data, build and initialise the model, score and select.
+
+    With ``masks`` (a resumed run's stored masks) nothing is scored: the plan is made of them.
+    """
+    from compress.strategies import STRATEGIES
+
+    config = config.resolved()
+    density = STRATEGIES.get(config.strategy).initial_density(config, config.strategy_settings())
+    device = resolve_device(config.device)
+    data = load_run_data(config)
+    model, layers = initialised_model(config, data, config.seed)
     model.to(device)
     plan, seconds = None, 0.0
-    if config.score is not None and config.density < 1.0:
+    if masks is not None:
+        plan = plan_from_masks(config, model, masks, masks_label or str(config.score))
+    elif density is not None:
         params = compressible_parameters(model, config.include_bias)
-        check_trains_something(config, [model.get_parameter(name).numel() for name in params])
-        names = config.scores if config.score == "cops" else [config.score]
+        check_trains_something(config, [model.get_parameter(name).numel() for name in params], density=density)
+        names = config.score_names()
         batches = scoring_batches(data, config, balanced="grasp" in names)
         batches = [(x.to(device), y.to(device)) for x, y in batches]
         if not quiet:
             log(f"scoring {len(params)} parameters with {' and '.join(names)} ...")
         started = time.perf_counter()
-        scores = [compute_scores(model, name, batches, params, density=config.density, seed=config.seed)
+        scores = [compute_scores(model, name, batches, params, density=density, seed=config.seed, scope=config.scope)
                   for name in names]
-        if config.score == "cops":
-            masks = cops_masks(scores[0], scores[1], config.density, config.scope, config.gamma)
-            label = f"cops({','.join(names)};gamma={config.gamma:g})"
-            plan = Plan(config.mode, masks, config.density, config.scope, label)
-        else:
-            plan = select(scores[0], config.density, config.scope, config.mode, score=config.score)
+        plan = select_with(config.selector, scores, density, config.scope, config.mode,
+                           config.selector_options(config), names)
         seconds = time.perf_counter() - started
-        check_trains_something(config, [m.numel() for m in plan.masks.values()], plan.trained)
+        check_trains_something(config, [m.numel() for m in plan.masks.values()], plan.trained, density=density)
     rows = plan_rows(model, plan, config.mode)
     collapsed = plan.collapsed_layers() if plan is not None else []
     if collapsed:
         message = (
-            f"layer collapse: {', '.join(collapsed)} would have no trained weight at density {config.density:g} "
+            f"layer collapse: {', '.join(collapsed)} would have no trained weight at density {plan.density:g} "
             f"({config.scope} scope); raise the density, use --scope layer, or another score"
         )
         if config.on_collapse == "error":

@@ -1,24 +1,23 @@
 """Resume: continue a run directory from its checkpoint after validating everything read back."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from compress.config import RunConfig, config_from_dict
-from compress.run.checkpoint import read_checkpoint, write_metrics
 from compress.run.lock import RunLock
 from compress.run.pipeline import log, prepare
-from compress.run.rundir import CONFIG_FILE, MASKS_FILE, SUMMARY_FILE, read_json_object
-from compress.run.runner import train_prepared
-from compress.selection import Plan
+from compress.run.rundir import CONFIG_FILE, MASKS_FILE, SUMMARY_FILE, level_directory, read_json_object
 from formats.errors import UserError
 
 
-def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Continue an interrupted run from its last finished epoch; ends with the uninterrupted weights."""
+def resume_run(run_dir: str | Path, *, progress: bool = True, device: str | None = None) -> dict:
+    """Continue an interrupted run from its last finished epoch (of its last level); ends with the weights of
+    an uninterrupted run. The stored masks are loaded, never scored again. ``device`` overrides the one the
+    run started on (a runtime option, not part of the run's identity)."""
+    from compress.run.levels import run_strategy, stored_label, stored_masks
+    from compress.strategies import STRATEGIES
+
     shown, run_dir = run_dir, Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{shown} is not a run directory (it does not exist, or its setup never finished); "
@@ -31,15 +30,18 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
                                        f"delete it and run --resume {shown} again to finish the run anew")
             log(f"{shown} is already finished; nothing to resume")
             return summary
-        prepared = prepare(read_run_config(run_dir, shown), quiet=True)
-        check_masks(run_dir, prepared.plan, shown)
-        checkpoint = read_checkpoint(run_dir, prepared.model, prepared.config.train_settings(), shown)
-        if checkpoint.model_state:
-            prepared.model.load_state_dict(checkpoint.model_state)
-        write_metrics(run_dir, checkpoint.history)
-        log(f"resuming {shown} after epoch {checkpoint.epoch}")
-        return train_prepared(prepared, run_dir, shown, start_epoch=checkpoint.epoch, history=checkpoint.history,
-                              optimizer_state=checkpoint.optimizer_state, progress=progress)
+        config = read_run_config(run_dir, shown)
+        if device is not None:
+            config = dataclasses.replace(config, device=device).resolved()
+        strategy = STRATEGIES.get(config.strategy)
+        first = level_directory(run_dir, 0) if strategy.multilevel else run_dir
+        masks = stored_masks(first, shown)
+        if masks is None and strategy.initial_density(config, config.strategy_settings()) is not None:
+            raise UserError(f"{first / MASKS_FILE} is missing (the run's setup did not finish); start a new run "
+                            f"with --out {shown} --overwrite and the run's options")
+        prepared = prepare(config, quiet=True, masks=masks, masks_label=stored_label(first))
+        log(f"resuming {shown}")
+        return run_strategy(prepared, run_dir, shown, progress=progress)
 
 
 def read_run_config(run_dir: Path, shown: str | Path) -> RunConfig:
@@ -51,25 +53,3 @@ def read_run_config(run_dir: Path, shown: str | Path) -> RunConfig:
         return config_from_dict(values, source=str(path)).resolved()
     except (ValueError, TypeError) as error:
         raise UserError(f"{path} does not hold a valid run config ({' '.join(str(error).split())}); {fix}") from None
-
-
-def check_masks(run_dir: Path, plan: Plan | None, shown: str | Path) -> None:
-    """The stored masks must be readable and equal to the recomputed plan."""
-    if plan is None:
-        return
-    path = run_dir / MASKS_FILE
-    fix = f"start a new run with --out {shown} --overwrite and the run's options"
-    if not path.is_file():
-        raise UserError(f"{path} is missing (the run's setup did not finish); {fix}")
-    try:
-        stored = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise UserError(f"{path} is truncated or corrupted ({' '.join(str(error).split())}); {fix}") from None
-    if set(stored) != set(plan.masks):
-        raise UserError(f"{path} holds masks of other parameters than the run's model "
-                        f"({', '.join(sorted(set(stored) ^ set(plan.masks))[:3])}); {fix}")
-    for name, mask in plan.masks.items():
-        value = stored[name]
-        if value.dtype != torch.bool or value.shape != mask.shape or not torch.equal(value, mask.cpu()):
-            raise UserError(f"{run_dir}: the stored mask of {name} differs from the recomputed one (the data, "
-                            f"the code or {CONFIG_FILE} changed since the run started); {fix}")

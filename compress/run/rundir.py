@@ -23,16 +23,31 @@ METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "compress.lock"
+REWIND_FILE = "rewind.safetensors"  # multilevel strategies: the weights at the rewind point of level 0
 
-RUN_FILES = (CONFIG_FILE, MASKS_FILE, PLAN_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, LOCK_FILE)
+RUN_FILES = (CONFIG_FILE, MASKS_FILE, PLAN_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, LOCK_FILE,
+             REWIND_FILE)
+# the sub-directories of multilevel strategies: level_K, and the branches level_K/branch_NAME
+_LEVEL = re.compile(r"^(level_[0-9]+|branch_[a-z]+)$")
+
+
+def level_directory(run_dir: Path, level: int, branch: str | None = None) -> Path:
+    """``RUN/level_K`` (or ``RUN/level_K/branch_NAME``): one level of a multilevel strategy."""
+    directory = run_dir / f"level_{level}"
+    return directory / f"branch_{branch}" if branch else directory
 
 # write_atomic's temporaries: .NAME.PID.RANDOM.tmp
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[0-9a-f]+\.tmp$")
 
 
 def is_project_file(path: Path) -> bool:
-    """Whether ``path`` is a plain file the project writes into a run directory (or a temporary of one)."""
-    if path.is_symlink() or not path.is_file():
+    """Whether ``path`` is a plain file the project writes into a run directory (or a temporary of one), or a
+    level directory holding only such files."""
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return bool(_LEVEL.match(path.name)) and all(is_project_file(entry) for entry in path.iterdir())
+    if not path.is_file():
         return False
     if path.name in RUN_FILES:
         return True

@@ -13,7 +13,7 @@ from compress.init import initial_values
 from compress.run.checkpoint import save_checkpoint, write_metrics
 from compress.run.pipeline import Prepared, log, prepare
 from compress.run.rundir import (CONFIG_FILE, MASKS_FILE, MODEL_FILE, PLAN_FILE, SUMMARY_FILE, foreign_entries,
-                                 name_list, read_json, read_json_object, write_json, write_tensors)
+                                 level_directory, name_list, read_json, read_json_object, write_json, write_tensors)
 from compress.run.staging import Setup, check_writable, resolve_target
 from compress.run.summary import make_summary
 from compress.training import MaskConstraint, train
@@ -43,7 +43,9 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, pr
         except OutputError as error:
             raise OutputError(f"cannot set up run directory {out} (nothing was left behind): {error}") from None
         setup.publish()
-        return train_prepared(prepared, target, out, progress=progress)
+        from compress.run.levels import run_strategy
+
+        return run_strategy(prepared, target, out, progress=progress)
 
 
 def _existing_run(out, target: Path, resolved: RunConfig) -> dict:
@@ -78,20 +80,39 @@ def _check_replaceable(out, target: Path) -> None:
 
 
 def _write_setup_files(directory: Path, prepared: Prepared) -> None:
+    """config.json, and the files of the first level: in the run directory, or in level_0 (multilevel)."""
+    from compress.strategies import STRATEGIES
+
     write_json(directory / CONFIG_FILE, _jsonable(prepared.config.to_dict()))
-    if prepared.plan is not None:
-        write_tensors(directory / MASKS_FILE, prepared.plan.masks, {"mode": prepared.plan.mode})
-    write_json(directory / PLAN_FILE, [asdict(r) | {"density": r.density} for r in prepared.rows])
+    if STRATEGIES.get(prepared.config.strategy).multilevel:
+        directory = level_directory(directory, 0)
+        directory.mkdir()
+    write_level_files(directory, prepared.plan, prepared.rows)
+
+
+def write_level_files(directory: Path, plan, rows) -> None:
+    """What a level starts with: its masks (none when dense), the plan table and an empty metrics file."""
+    if plan is not None:
+        write_tensors(directory / MASKS_FILE, plan.masks, {"mode": plan.mode, "score": str(plan.score)})
+    write_json(directory / PLAN_FILE, [asdict(r) | {"density": r.density} for r in rows])
     write_metrics(directory, [])
 
 
+RUNTIME_KEYS = ("device",)  # how a run is executed, not what it is: never part of its identity
+
+
 def same_config(stored: dict, resolved: RunConfig) -> bool:
-    """Whether a stored config.json describes ``resolved``; keys added since it was written take defaults."""
+    """Whether a stored config.json describes ``resolved``; keys added since it was written take defaults,
+    and runtime options (the device) do not count."""
     try:
         stored_resolved = config_from_dict(stored).resolved()
     except (ValueError, TypeError):
         return False
-    return _jsonable(stored_resolved.to_dict()) == _jsonable(resolved.to_dict())
+
+    def identity(config: RunConfig) -> dict:
+        return {k: v for k, v in _jsonable(config.to_dict()).items() if k not in RUNTIME_KEYS}
+
+    return identity(stored_resolved) == identity(resolved)
 
 
 def _jsonable(value):
@@ -100,35 +121,44 @@ def _jsonable(value):
 
 def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_epoch: int = 0,
                    history: list[dict] | None = None, optimizer_state: dict[str, torch.Tensor] | None = None,
-                   progress: bool = True) -> dict:
-    """Train from ``start_epoch`` (after the epochs of ``history``), checkpointing each epoch, then finish."""
+                   progress: bool = True, on_step_end=None, strategy_state: dict | None = None,
+                   summary_extra: dict | None = None, quiet_done: bool = False) -> dict:
+    """Train from ``start_epoch`` (after the epochs of ``history``), checkpointing each epoch, then finish.
+
+    ``out`` is the run directory, or one level's directory for a multilevel strategy; the masks of the
+    plan and ``strategy_state`` go into every checkpoint.
+    """
     config, model = prepared.config, prepared.model
     history = list(history or [])
     initial = None
     if prepared.plan is not None and prepared.plan.mode == "freeze":
         initial = initial_values(model, config.seed, list(prepared.plan.masks))
     constraint = MaskConstraint(model, prepared.plan, initial)
+    masks = {n: m.cpu() for n, m in prepared.plan.masks.items()} if prepared.plan is not None else None
     started = time.perf_counter()
+    where = f" ({summary_extra['label']})" if summary_extra and "label" in summary_extra else ""
 
     def on_epoch_end(epoch: int, metrics: dict, optimizer) -> None:
         history.append(metrics)
-        save_checkpoint(out, model, optimizer, history)  # the truth; metrics.jsonl follows from it
+        save_checkpoint(out, model, optimizer, history, masks, strategy_state)  # the truth; metrics follow
         write_metrics(out, history)
         val = f"  val acc {metrics['val_acc']:.2%}" if "val_acc" in metrics else ""
         test = f"  test acc {metrics['test_acc']:.2%}" if "test_acc" in metrics else ""
-        log(f"epoch {metrics['epoch']}/{config.epochs}: train loss {metrics['train_loss']:.4f}{test}{val}  "
+        log(f"epoch {metrics['epoch']}/{config.epochs}{where}: train loss {metrics['train_loss']:.4f}{test}{val}  "
             f"({metrics['seconds']:.1f} s)")
 
     try:
         train(model, prepared.data, config.train_settings(), constraint, seed=config.seed, device=prepared.device,
               start_epoch=start_epoch, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end,
-              progress=progress)
+              on_step_end=on_step_end, progress=progress)
         write_tensors(out / MODEL_FILE, model.state_dict(), {"format": "compress-run-model", "model": config.model})
         summary = make_summary(prepared, history, time.perf_counter() - started)
+        summary.update({k: v for k, v in (summary_extra or {}).items() if k != "label"})
         write_json(out / SUMMARY_FILE, summary)
     except OutputError as error:
         raise OutputError(f"{error}; the run keeps its last finished epoch: continue it with --resume {shown} "
                           "once that is fixed") from None
-    log(f"done: test acc {summary['test_acc']:.2%} with {summary['trained_params']:,} of "
-        f"{summary['total_params']:,} parameters trained (density {summary['density']:.4%}); run in {shown}")
+    if not quiet_done:
+        log(f"done: test acc {summary['test_acc']:.2%} with {summary['trained_params']:,} of "
+            f"{summary['total_params']:,} parameters trained (density {summary['density']:.4%}); run in {shown}")
     return summary

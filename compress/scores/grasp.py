@@ -33,7 +33,7 @@ def hessian_gradient_product(model, batches, params, temperature: float = TEMPER
 
 
 @SCORES.register("grasp")
-def grasp_score(model, batches, params, *, density, seed):
+def grasp_score(model, batches, params, context):
     """theta * (H g): the negated GraSP score, so the top-k is the set the reference keeps."""
     require_batches("grasp", batches)
     weights = parameters_by_name(model, params)

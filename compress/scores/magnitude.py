@@ -5,6 +5,6 @@ from compress.scores import SCORES, parameters_by_name
 
 
 @SCORES.register("magnitude")
-def magnitude_score(model, batches, params, *, density, seed):
+def magnitude_score(model, batches, params, context):
     """|theta| of each compressible parameter."""
     return {p: w.detach().abs() for p, w in zip(params, parameters_by_name(model, params))}

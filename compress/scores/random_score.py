@@ -6,7 +6,7 @@ from compress.scores import SCORES
 
 
 @SCORES.register("random")
-def random_score(model, batches, params, *, density, seed):
+def random_score(model, batches, params, context):
     """U[0, 1) per entry, keyed by (seed, "score/random/<name>") so it is the same on every machine."""
     shapes = dict(model.named_parameters())
-    return {p: uniform(seed, f"score/random/{p}", shapes[p].shape, 0.5) + 0.5 for p in params}
+    return {p: uniform(context.seed, f"score/random/{p}", shapes[p].shape, 0.5) + 0.5 for p in params}

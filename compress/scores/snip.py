@@ -22,12 +22,13 @@ def loss_gradients(model, batches, params, temperature: float = 1.0) -> list[tor
 
 
 @SCORES.register("snip")
-def snip_score(model, batches, params, *, density, seed):
-    """|theta * g| / sum over all scored entries (the normalisation does not change the top-k)."""
+def snip_score(model, batches, params, context):
+    """|theta * g| / its sum over the scored entries still trained (the normalisation does not change the
+    top-k)."""
     require_batches("snip", batches)
     weights = parameters_by_name(model, params)
     grads = loss_gradients(model, batches, params)
-    raw = [(w.detach() * g).abs() for w, g in zip(weights, grads)]
+    raw = [context.restrict(p, (w.detach() * g).abs()) for p, w, g in zip(params, weights, grads)]
     total = sum(float(r.sum()) for r in raw)
     scale = 1.0 / total if total > 0 else 1.0
     return {p: r * scale for p, r in zip(params, raw)}
