@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from compress.errors import UserError
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from compress.interspace import to_interspace, to_standard_state_dict
 from compress.models import build_model
 from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
 from formats.artifact import VALUE_DTYPES, write_artifact
-from formats.atomic import write_atomic
-from formats.errors import OutputError
+from formats.atomic import check_output_file, write_atomic
 
 MANIFEST_CONFIG_KEYS = ("data", "subset", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
                         "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma")
@@ -49,16 +47,6 @@ def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
-
-
-def check_output_file(out: Path, force: bool, option: str = "--force") -> None:
-    """Fail before any work when ``out`` cannot be written, or exists and ``force`` was not given."""
-    if out.is_dir():
-        raise OutputError(f"output {out} is a directory; give a file name such as {out / 'model.cpk'}")
-    if not out.parent.is_dir():
-        raise OutputError(f"cannot write {out}: directory {out.parent} does not exist")
-    if os.path.lexists(out) and not force:
-        raise OutputError(f"{out} already exists; choose another name, or pass {option} to replace it")
 
 
 def check_run_consistency(state: dict, masks: dict, mode: str, seed: int, model: torch.nn.Module) -> None:

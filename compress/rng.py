@@ -87,13 +87,24 @@ def random_uint32(seed: int, name: str, count: int) -> np.ndarray:
     return words.reshape(-1)[:count]
 
 
+_CONVERT_CHUNK = 1 << 16
+
+
+def uniform_flat(seed: int, name: str, count: int, bound: float) -> np.ndarray:
+    """``count`` float32 values from U[-bound, bound): 24 bits ``u`` of each word, ``(u - 2^23) * 2^-23`` (exact),
+    times ``float32(bound)``; converted in place, chunk by chunk (4 bytes per value at peak)."""
+    words = random_uint32(seed, name, count)
+    out = words.view(np.float32)
+    bound32 = np.float32(bound)
+    for start in range(0, count, _CONVERT_CHUNK):
+        top24 = (words[start : start + _CONVERT_CHUNK] >> np.uint32(8)).astype(np.int32)
+        out[start : start + _CONVERT_CHUNK] = (top24 - np.int32(1 << 23)).astype(np.float32) * np.float32(2.0**-23) * bound32
+    return out
+
+
 def uniform(seed: int, name: str, shape: tuple[int, ...] | torch.Size, bound: float) -> torch.Tensor:
     """float32 tensor of ``shape`` drawn from U[-bound, bound), bit-identical on every machine."""
-    count = math.prod(shape)
-    top24 = (random_uint32(seed, name, count) >> np.uint32(8)).astype(np.int32)
-    unit = (top24 - np.int32(1 << 23)).astype(np.float32) * np.float32(2.0**-23)
-    values = unit * np.float32(bound)
-    return torch.from_numpy(values.reshape(tuple(shape)))
+    return torch.from_numpy(uniform_flat(seed, name, math.prod(shape), bound).reshape(tuple(shape)))
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

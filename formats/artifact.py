@@ -37,7 +37,6 @@ MAX_FILE_BYTES = 2**40
 MAX_INPUT_DIM = 2**16  # largest declared input channels, height or width
 MAX_INPUT_ELEMENTS = 2**24  # largest declared C * H * W
 MAX_DENSE_FP32_BYTES = 2**50
-_CHUNK = 1 << 20  # entries of a frozen tensor converted at a time
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -144,18 +143,11 @@ def _sha256(tensor: torch.Tensor) -> str:
 
 
 def initial_values(rule: dict, seed: int, name: str, count: int) -> np.ndarray:
-    """The ``count`` frozen initial values of a uniform rule, flat float32, exactly as
-    ``compress.rng.uniform`` draws them, but converted in place chunk by chunk: 4 bytes per entry
-    at peak instead of uniform's 12 (the SHA-256 of every rebuilt tensor checks the result)."""
-    from compress.rng import random_uint32
+    """The ``count`` frozen initial values of a uniform rule, flat float32, as ``compress.rng.uniform`` draws
+    them (4 bytes per entry at peak; the SHA-256 of every rebuilt tensor checks the result)."""
+    from compress.rng import uniform_flat
 
-    words = random_uint32(seed, rule.get("stream") or name, count)
-    out = words.view(np.float32)
-    bound = np.float32(rule["bound"])
-    for start in range(0, count, _CHUNK):
-        top24 = (words[start : start + _CHUNK] >> np.uint32(8)).astype(np.int32)
-        out[start : start + _CHUNK] = (top24 - np.int32(1 << 23)).astype(np.float32) * np.float32(2.0**-23) * bound
-    return out
+    return uniform_flat(seed, rule.get("stream") or name, count, rule["bound"])
 
 
 def rebuild_masked(entry: dict, mask, values: torch.Tensor, mode: str, seed: int, shape) -> torch.Tensor:

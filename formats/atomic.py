@@ -34,7 +34,8 @@ def temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (also one of another user); a temporary it owns must be left alone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,7 +51,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     removed = []
     for candidate in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
         parts = Path(candidate).name[len(path.name) + 2 : -len(".tmp")].split(".")
-        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) == os.getpid() or _alive(int(parts[0])):
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) == os.getpid() or process_alive(int(parts[0])):
             continue
         try:
             os.unlink(candidate)
@@ -72,6 +73,17 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(handle)
+
+
+def check_output_file(path: str | os.PathLike, force: bool, example: str = "model.cpk") -> None:
+    """Fail before any work when file ``path`` cannot be written, or exists and ``force`` was not given."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory; give a file name such as {path / example}")
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {path.parent} does not exist")
+    if os.path.lexists(path) and not force:
+        raise OutputError(f"{path} already exists; choose another name, or pass --force to replace it")
 
 
 def output_error(path: str | os.PathLike, error: OSError) -> OutputError:

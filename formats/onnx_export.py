@@ -170,18 +170,13 @@ def export_onnx(
     import onnx
 
     import formats
-    from formats.atomic import write_atomic
-    from formats.errors import OutputError, UserError
+    from formats.atomic import check_output_file, write_atomic
+    from formats.errors import UserError
 
     path = Path(path)
     if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= onnx.defs.onnx_opset_version():
         raise UserError(f"opset must be an integer from 9 to {onnx.defs.onnx_opset_version()}, got {opset!r}")
-    if path.is_dir():
-        raise OutputError(f"output {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    if not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: directory {path.parent} does not exist")
-    if os.path.lexists(path) and not force:
-        raise OutputError(f"{path} already exists; choose another name, or pass --force to replace it")
+    check_output_file(path, force, "model.onnx")
     info = formats.read_info(artifact)
     model = formats.load(artifact)
     input_shape = tuple(info["schema"]["architecture"]["input_shape"])

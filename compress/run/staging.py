@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compress.run.lock import RunLock
 from compress.run.rundir import foreign_entries, is_project_file
-from formats.atomic import fsync_directory, output_error
+from formats.atomic import fsync_directory, output_error, process_alive
 from formats.errors import OutputError, UserError
 
 _KINDS = ("setup", "old")
@@ -52,16 +52,6 @@ def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_siblings(target: Path) -> list[Path]:
     """Remove staging and replaced directories beside ``target`` left by processes that no longer run."""
     removed = []
@@ -70,7 +60,7 @@ def remove_stale_siblings(target: Path) -> list[Path]:
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+\.({'|'.join(_KINDS)})$")
     for candidate in target.parent.iterdir():
         match = pattern.match(candidate.name)
-        if not match or int(match[1]) == os.getpid() or _alive(int(match[1])):
+        if not match or int(match[1]) == os.getpid() or process_alive(int(match[1])):
             continue
         if candidate.is_symlink() or not candidate.is_dir():
             continue
