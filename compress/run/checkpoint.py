@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -41,11 +42,16 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     metadata the metrics history and the strategy's state (JSON)."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update(optimizer_state_tensors(optimizer, model))
-    tensors.update({f"mask/{name}": mask for name, mask in (masks or {}).items()})
+    tensors.update({f"mask/{name}": pack_mask(mask) for name, mask in (masks or {}).items()})
     metadata = {"format": CHECKPOINT_FORMAT, "epoch": str(len(history)),
                 "metrics": json.dumps(history, sort_keys=True), "keys": json.dumps(sorted(tensors)),
                 "strategy": json.dumps(strategy or {}, sort_keys=True)}
     write_tensors(run_dir / CHECKPOINT_FILE, tensors, metadata)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as bits (uint8, 8 entries a byte, numpy's packbits order): an eighth of its bool bytes."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -87,7 +93,7 @@ def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, sh
             raise bad(f"lacks the tensor(s) {', '.join(missing[:3])}")
     stored_masks = {k[len("mask/"):]: tensors.pop(k) for k in list(tensors) if k.startswith("mask/")}
     if stored_masks and (sorted(stored_masks) != sorted(masks or {})
-                         or any(not torch.equal(stored_masks[n], masks[n].cpu()) for n in stored_masks)):
+                         or any(not torch.equal(stored_masks[n], pack_mask(masks[n])) for n in stored_masks)):
         raise bad(f"holds masks that differ from {run_dir}'s masks.safetensors")
     model_state = _model_state(tensors, model, bad)
     optimizer_state = _optimizer_state(tensors, model, settings, bad)

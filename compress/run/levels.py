@@ -149,6 +149,17 @@ def _level_row(summary: dict) -> dict:
     return {key: summary.get(key) for key in keys}
 
 
+def steps_per_epoch(prepared: Prepared) -> int:
+    return math.ceil(len(prepared.data.train) / prepared.config.batch_size)
+
+
+def check_strategy(prepared: Prepared) -> None:
+    """The strategy's checks against the model and the data (before the run directory is made)."""
+    config = prepared.config
+    sizes = {n: prepared.model.get_parameter(n).numel() for n in compressible_parameters(prepared.model, config.include_bias)}
+    STRATEGIES.get(config.strategy).check_model(config, config.strategy_settings(), sizes, steps_per_epoch(prepared))
+
+
 def run_strategy(prepared: Prepared, run_dir: Path, shown: str | Path, *, progress: bool = True) -> dict:
     """Train every level of the run's strategy in ``run_dir`` and return the run's summary."""
     config = prepared.config
@@ -157,11 +168,8 @@ def run_strategy(prepared: Prepared, run_dir: Path, shown: str | Path, *, progre
         return run_level(prepared, run_dir, shown, prepared.plan, None, progress=progress)[0]
     options = config.strategy_settings()
     context = level_context(prepared)
-    steps_per_epoch = math.ceil(len(prepared.data.train) / config.batch_size)
-    rewind_at = strategy.rewind_step(options, steps_per_epoch)
-    if rewind_at is not None and rewind_at > config.epochs * steps_per_epoch:
-        raise UserError(f"--rewind {options.rewind} is after the end of level 0 ({config.epochs * steps_per_epoch} "
-                        "steps); rewind to an earlier point")
+    check_strategy(prepared)
+    rewind_at = strategy.rewind_step(options, steps_per_epoch(prepared))
     plan, state, level, rows = prepared.plan, context.initial_state, 0, []
     rewind_state = None
     while True:

@@ -37,14 +37,15 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, pr
         _check_replaceable(out, target)
         replace = True
     with Setup(out, target, replace=replace) as setup:
+        from compress.run.levels import check_strategy, run_strategy
+
         prepared = prepare(resolved)
+        check_strategy(prepared)
         try:
             _write_setup_files(setup.staging, prepared)
         except OutputError as error:
             raise OutputError(f"cannot set up run directory {out} (nothing was left behind): {error}") from None
         setup.publish()
-        from compress.run.levels import run_strategy
-
         return run_strategy(prepared, target, out, progress=progress)
 
 

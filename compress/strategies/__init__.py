@@ -57,6 +57,10 @@ class Strategy:
     def check(self, config, options) -> None:
         """Raise ``UserError`` for options that do not fit the rest of the config."""
 
+    def check_model(self, config, options, sizes: dict[str, int], steps_per_epoch: int) -> None:
+        """Raise ``UserError`` for options that do not fit the model (its compressible sizes) or the data; called
+        before the run directory is made."""
+
     def initial_density(self, config, options) -> float | None:
         """The density of level 0's at-init selection (None: level 0 trains every weight)."""
         return config.density if config.score_names() and config.density < 1.0 else None

@@ -67,6 +67,26 @@ def _keep_top(scores: dict[str, torch.Tensor], keep: dict[str, int] | int) -> di
     return masks
 
 
+def _keep(trained: int, fraction: float, target: int | None) -> int:
+    """Entries kept of ``trained`` by one level: F of them removed, and at least one while above the target."""
+    removed = round(fraction * trained)
+    if target is None:
+        return trained - removed
+    return max(trained - max(removed, 1 if trained > target else 0), target)
+
+
+def next_counts(scope: str, fraction: float, density: float | None, sizes: dict[str, int],
+                trained: dict[str, int]) -> dict[str, int] | int | None:
+    """The counts the next level keeps (per layer with layer scope, else one total); None when the level would
+    change nothing (the target is reached)."""
+    if scope == "layer":
+        keep = {n: _keep(trained[n], fraction, None if density is None else round(density * sizes[n])) for n in sizes}
+        return None if keep == trained else keep
+    total = sum(trained.values())
+    keep = _keep(total, fraction, None if density is None else round(density * sum(sizes.values())))
+    return None if keep == total else keep
+
+
 @register("imp")
 class IterativeMagnitudePruning(Strategy):
     description = "lottery tickets: train, prune the smallest trained weights, rewind, repeat (levels)"
@@ -101,6 +121,23 @@ class IterativeMagnitudePruning(Strategy):
             raise UserError(f"--density {config.density:g} is not below level 0's density {options.start_density:g}: "
                             "there is nothing to prune")
 
+    def check_model(self, config, options: ImpOptions, sizes: dict[str, int], steps_per_epoch: int) -> None:
+        rewind = self.rewind_step(options, steps_per_epoch)
+        if rewind > config.epochs * steps_per_epoch:
+            raise UserError(f"--rewind {options.rewind} is after the end of level 0 ({config.epochs * steps_per_epoch} "
+                            "steps); rewind to an earlier point")
+        if options.levels is None or options.start_density < 1:  # level 0's counts come from its at-init plan
+            return
+        if config.scope != "layer":
+            sizes = {"all": sum(sizes.values())}
+        trained = dict(sizes)
+        for level in range(1, options.levels + 1):
+            keep = next_counts(config.scope, options.prune_fraction, None, sizes, trained)
+            if keep is None:
+                raise UserError(f"--prune-fraction {options.prune_fraction:g} removes no weight at level {level} "
+                                f"(F x trained rounds to 0); raise --prune-fraction or ask for fewer --levels")
+            trained = keep if isinstance(keep, dict) else {"all": keep}
+
     def initial_density(self, config, options: ImpOptions) -> float | None:
         return options.start_density if options.start_density < 1 else None
 
@@ -129,23 +166,9 @@ class IterativeMagnitudePruning(Strategy):
 
     def _keep_counts(self, context: LevelContext, current: dict[str, torch.Tensor]) -> dict[str, int] | int | None:
         """How many entries the next level keeps (per layer with layer scope); None when the target is reached."""
-        options, config = context.options, context.config
-        fraction, target = options.prune_fraction, config.density
-        if config.scope == "layer":
-            keep = {}
-            for name, mask in current.items():
-                trained = int(mask.sum())
-                keep[name] = trained - round(fraction * trained)
-                if target is not None:
-                    keep[name] = max(keep[name], round(target * mask.numel()))
-            if all(keep[n] == int(current[n].sum()) for n in current):
-                return None
-            return keep
-        trained = sum(int(m.sum()) for m in current.values())
-        keep = trained - round(fraction * trained)
-        if target is not None:
-            keep = max(keep, round(target * sum(m.numel() for m in current.values())))
-        return None if keep == trained else keep
+        sizes = {name: mask.numel() for name, mask in current.items()}
+        trained = {name: int(mask.sum()) for name, mask in current.items()}
+        return next_counts(context.config.scope, context.options.prune_fraction, context.config.density, sizes, trained)
 
     @staticmethod
     def _density(masks: dict[str, torch.Tensor]) -> float:

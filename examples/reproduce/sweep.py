@@ -58,6 +58,11 @@ LENET_METHODS = {
     "cops": {"method": "cops", "scores": "snip,grasp", "gamma": 0.5},
 }
 RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, "freezenet": {"method": "freezenet"}}
+# Lottery tickets: one IMP run per model, mode and seed prunes half the remaining weights per level down to the
+# target; every level (trained `epochs` epochs, like one at-init run) is a row at its density.
+LOTTERY_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
+                   "imp-freeze": {"method": "imp", "mode": "freeze", "prune_fraction": 0.5}}
+LOTTERY_TARGET = 0.001
 FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 10, "resnet_subset": 5000}
 QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
 RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
@@ -88,7 +93,8 @@ class Run:
 
 
 def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int | None, resnet_epochs: int,
-              resnet_subset: int, lenet_densities=LENET_DENSITIES, resnet_densities=RESNET_DENSITIES) -> list[Run]:
+              resnet_subset: int, lenet_densities=LENET_DENSITIES, resnet_densities=RESNET_DENSITIES,
+              lottery_target: float = LOTTERY_TARGET) -> list[Run]:
     """Every run of the chosen parts, seed by seed within a model, so a partial sweep holds whole seeds."""
     runs = []
     lenet_common = {"data": "fashion-mnist", "epochs": lenet_epochs}
@@ -104,6 +110,12 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                     for density in lenet_densities:
                         runs.append(Run("lenet", model, label, density, seed,
                                         {**lenet_common, **options, "density": density}))
+    if "lottery" in parts:
+        for model in ("lenet300", "lenet5"):
+            for seed in range(seeds):
+                for label, options in LOTTERY_METHODS.items():
+                    runs.append(Run("lottery", model, label, lottery_target, seed,
+                                    {**lenet_common, **options, "density": lottery_target}))
     if "resnet" in parts:
         for seed in range(seeds):
             runs.append(Run("resnet", "resnet20", "dense", 1.0, seed, {**resnet_common, "method": "dense"}))
@@ -141,15 +153,15 @@ def record_key(row: dict) -> str:
 
 
 def write_record(path: Path, rows: dict[str, dict]) -> None:
-    """Rewrite the record atomically (temporary file, then rename), rows in a stable order."""
+    """Rewrite the record atomically (the project's one writer), rows in a stable order."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
     for key in sorted(rows):
         writer.writerow({name: rows[key][name] for name in RECORD_FIELDS})
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(temporary, path)
+    from formats.atomic import write_atomic
+
+    write_atomic(path, buffer.getvalue().encode("utf-8"))
 
 
 def pending(runs: list[Run], record: dict[str, dict]) -> list[Run]:
@@ -179,6 +191,8 @@ def execute(run: Run, root: Path, threads: int, device: str = "auto") -> dict:
             summary = resume_run(out, progress=False)
         else:  # a finished run of these settings is returned as is; anything else in `out` is replaced
             summary = train_run(config, out, overwrite=not (same and finished), progress=False)
+        if run.part == "lottery":
+            return [level_row(run, out, summary, level, threads) for level in summary["levels"] if level["level"] > 0]
         artifact = out.with_suffix(".cpk")
         if stale_artifact(artifact, out):
             pack_run(out, artifact, force=True)  # a stale artifact of this run is ours to replace
@@ -190,6 +204,28 @@ def execute(run: Run, root: Path, threads: int, device: str = "auto") -> dict:
         "dense_fp32_bytes": totals["dense_fp32_bytes"],
         "seconds": round(summary["score_seconds"] + summary["train_seconds"], 1),
         "threads": summary.get("threads", threads), "torch": summary["torch"],
+        "device": summary.get("device", "cpu"),
+    }
+
+
+def level_row(run: Run, out: Path, summary: dict, level: dict, threads: int) -> dict:
+    """The record row of one level of a lottery run: its nominal density ((1 - F)^level, at least the target),
+    its accuracy, its packed artifact, and the training seconds of every level up to it (its whole cost)."""
+    import formats
+    from compress.packing import pack_run
+
+    artifact = out / f"level_{level['level']}.cpk"
+    if stale_artifact(artifact, out / f"level_{level['level']}"):
+        pack_run(out, artifact, force=True, level=level["level"])
+    totals = formats.read_info(artifact)["totals"]
+    fraction = run.options["prune_fraction"]
+    cost = sum(row["train_seconds"] for row in summary["levels"] if row["level"] <= level["level"])
+    return {
+        "part": run.part, "model": run.model, "method": run.method, "seed": run.seed, "settings": run.settings,
+        "density": max(run.density, (1 - fraction) ** level["level"]), "test_acc": level["test_acc"],
+        "trained_params": level["trained_params"], "total_params": summary["total_params"],
+        "artifact_bytes": totals["file_bytes"], "dense_fp32_bytes": totals["dense_fp32_bytes"],
+        "seconds": round(cost, 1), "threads": summary.get("threads", threads), "torch": summary["torch"],
         "device": summary.get("device", "cpu"),
     }
 
@@ -237,10 +273,13 @@ def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: in
     started = time.perf_counter()
     done_seconds: list[float] = []
 
-    def note(row: dict) -> None:
+    def note(rows: dict | list[dict]) -> None:
+        rows = rows if isinstance(rows, list) else [rows]
         record.update(read_record(record_path))  # keep rows another sweep process recorded meanwhile
-        record[record_key(row)] = row
+        for one in rows:
+            record[record_key(one)] = one
         write_record(record_path, record)
+        row = rows[-1]  # a lottery run's last level: its seconds are the whole run's
         done_seconds.append(row["seconds"])
         finished = len(done_seconds)
         elapsed = time.perf_counter() - started
@@ -424,7 +463,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="run directories [runs/reproduce or runs/reproduce-quick]")
     parser.add_argument("--results", default=None,
                         help="record, tables and plots [docs/benchmarks/full or runs/reproduce-quick]")
-    parser.add_argument("--part", choices=["lenet", "resnet", "all"], default="all")
+    parser.add_argument("--part", choices=["lenet", "lottery", "resnet", "all"], default="all")
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of the part's models, e.g. lenet300 (run the sweep in pieces)")
     parser.add_argument("--methods", default=None,
@@ -458,11 +497,12 @@ def main(argv=None) -> None:
     settings = QUICK if args.quick else FULL
     root = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
     results = Path(args.results or ("runs/reproduce-quick" if args.quick else "docs/benchmarks/full"))
-    parts = ["lenet", "resnet"] if args.part == "all" else [args.part]
+    parts = ["lenet", "lottery", "resnet"] if args.part == "all" else [args.part]
     runs = plan_runs(parts, args.seeds or settings["seeds"], settings["lenet_epochs"], settings["lenet_subset"],
                      settings["resnet_epochs"], settings["resnet_subset"],
                      lenet_densities=[0.05, 0.0064] if args.quick else LENET_DENSITIES,
-                     resnet_densities=[0.05] if args.quick else RESNET_DENSITIES)
+                     resnet_densities=[0.05] if args.quick else RESNET_DENSITIES,
+                     lottery_target=0.05 if args.quick else LOTTERY_TARGET)
     if args.models:
         wanted = {name.strip() for name in args.models.split(",")}
         runs = [run for run in runs if run.model in wanted]
