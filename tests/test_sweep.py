@@ -225,3 +225,31 @@ if __name__ == "__main__":
     while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+
+
+def test_the_lottery_part_plans_one_imp_run_per_model_mode_and_seed_down_to_the_target(sweep):
+    from compress.config import build_config
+
+    runs = sweep.plan_runs(["lottery"], 3, 10, None, 10, 5000)
+    assert len(runs) == 2 * 3 * len(sweep.LOTTERY_METHODS) == 12
+    for run in runs:
+        config = build_config(None, {"model": run.model, "seed": run.seed, **run.options}).resolved()
+        assert config.strategy == "imp" and config.density == sweep.LOTTERY_TARGET and config.epochs == 10
+        assert run.path.endswith(f"/d{sweep.LOTTERY_TARGET:g}/s{run.seed}")  # the key of its last level's row
+    assert {build_config(None, r.options).resolved().mode for r in runs} == {"prune", "freeze"}
+
+
+def test_a_lottery_run_records_a_row_per_level_with_its_cumulative_training_cost(sweep, tmp_path):
+    run = sweep.Run("lottery", "lenet300", "imp", 0.3, 0, {"data": "synthetic", "subset": 256, "epochs": 1,
+                                                         "method": "imp", "prune_fraction": 0.5, "density": 0.3})
+    rows = sweep.execute(run, tmp_path, threads=1, device="cpu")
+    summary = json.loads((tmp_path / run.path / "summary.json").read_text())
+    assert [r["density"] for r in rows] == [0.5, 0.3]  # nominal 0.5^level, the last clamped to the target
+    assert sweep.record_key(rows[-1]) == run.path  # so the record knows the run is done
+    levels = summary["levels"]
+    assert rows[0]["seconds"] == round(levels[0]["train_seconds"] + levels[1]["train_seconds"], 1)
+    assert rows[-1]["seconds"] == round(sum(level["train_seconds"] for level in levels), 1)
+    assert [r["test_acc"] for r in rows] == [level["test_acc"] for level in levels[1:]]
+    assert all(r["artifact_bytes"] < r["dense_fp32_bytes"] for r in rows)
+    # the run's compute is counted once, not once per level
+    assert sweep.run_seconds(rows) == rows[-1]["seconds"]

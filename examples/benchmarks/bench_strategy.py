@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# compress strategy-layer benchmark: python {' '.join(sys.argv)}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
-    samples, epochs, rounds = (4096, 2, 5) if args.quick else (16384, 2, 7)
+    samples, epochs, rounds = (4096, 2, 5) if args.quick else (4096, 3, 9)  # synthetic: 4,096 at most
     print(f"{epochs} epochs of {samples} samples (test passes and checkpoints included), median of {rounds} "
           "interleaved rounds\n")
     print(f"{'model':<10} {'bare loop s':>12} {'strategy layer s':>17} {'ratio':>7}")

@@ -12,6 +12,11 @@
 Part "lenet": LeNet-300-100 and LeNet-5-Caffe, dense and at densities 10%, 5%, 2%, 1%, 0.64% (157x),
 0.3%, 0.1% with SNIP (prune), FreezeNet (SNIP score, freeze), random (freeze), GraSP, SynFlow and COPS
 (snip+grasp, gamma 0.5), 3 seeds each, 10 epochs on the full 60k training set.
+Part "lottery": lottery tickets (IMP, open_lth's definition) on the LeNets, prune and freeze mode: one run per
+model, mode and seed removes half of the still-trained weights per level (rewind to init) down to 0.1%; every
+level trains 10 epochs, as one at-init run does in total, so IMP's accuracy at a density costs (levels + 1)
+times the training; each level is a row at its nominal density 0.5^level, with the training seconds of all
+levels up to it.
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
 seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
@@ -378,22 +383,37 @@ def describe_machines(rows: list[dict]) -> str:
     return "; ".join(f"{n} on {device} with torch {version}" for (device, version), n in counts.items())
 
 
+def run_seconds(rows: list[dict]) -> float:
+    """The compute seconds of the runs behind ``rows``: a lottery run's rows carry the cumulative seconds of its
+    levels, so its last (largest) one is the whole run's."""
+    lottery: dict[tuple, float] = {}
+    total = 0.0
+    for row in rows:
+        if row["part"] == "lottery":
+            key = (row["model"], row["method"], row["seed"], row["settings"])
+            lottery[key] = max(lottery.get(key, 0.0), row["seconds"])
+        else:
+            total += row["seconds"]
+    return total + sum(lottery.values())
+
+
 def markdown(table: list[dict], rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in table):
         members = [r for r in rows if r["model"] == model]
-        seconds = sum(r["seconds"] for r in members)
+        seconds = run_seconds(members)
         duration = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
         lines += [f"\n### {model}\n",
                   f"{len(members)} run{'' if len(members) == 1 else 's'}: {describe_settings(members)}; seeds "
                   f"{', '.join(str(s) for s in sorted({r['seed'] for r in members}))}; "
                   f"{duration} of training and scoring in all ({describe_machines(members)}).\n",
-                  "| method | density | seeds | test acc (mean ± std) | trained params | artifact bytes | x smaller than dense fp32 |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| method | density | seeds | test acc (mean ± std) | trained params | artifact bytes | x smaller than "
+                  "dense fp32 | training s per run |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in table if r["model"] == model):
             lines.append(f"| {r['method']} | {r['density']:.2%} | {r['seeds']} | {100 * r['acc_mean']:.2f} ± "
                          f"{100 * r['acc_std']:.2f} | {r['trained_params']:,} | {r['artifact_bytes']:,} | "
-                         f"{r['dense_ratio']:.1f} |")
+                         f"{r['dense_ratio']:.1f} | {r['seconds'] / r['seeds']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
