@@ -110,7 +110,7 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
         _create_level_directory(directory, plan, plan_rows(model, plan, config.mode))
     masks = stored_masks(directory, shown)
     if masks is not None:
-        plan = plan_from_masks(config, model, masks, stored_label(directory))
+        plan = plan_from_masks(config, model, masks, stored_label(directory) or (plan.score if plan else "stored"))
     elif plan is not None:
         raise UserError(f"{directory / MASKS_FILE} is missing; start a new run with --out {shown} --overwrite")
     if state is not None:
