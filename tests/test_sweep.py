@@ -242,7 +242,13 @@ def test_the_lottery_part_plans_one_imp_run_per_model_mode_and_seed_down_to_the_
 def test_a_lottery_run_records_a_row_per_level_with_its_cumulative_training_cost(sweep, tmp_path):
     run = sweep.Run("lottery", "lenet300", "imp", 0.3, 0, {"data": "synthetic", "subset": 256, "epochs": 1,
                                                          "method": "imp", "prune_fraction": 0.5, "density": 0.3})
-    rows = sweep.execute(run, tmp_path, threads=1, device="cpu")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        rows = sweep.execute(run, tmp_path, threads=1, device="cpu")
+    finally:
+        torch.set_num_threads(threads)  # execute sets the process's threads; later tests compare bit for bit
     summary = json.loads((tmp_path / run.path / "summary.json").read_text())
     assert [r["density"] for r in rows] == [0.5, 0.3]  # nominal 0.5^level, the last clamped to the target
     assert sweep.record_key(rows[-1]) == run.path  # so the record knows the run is done
