@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 from compress.errors import UserError
-import json
 from pathlib import Path
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
-from safetensors.torch import load_file
 
 from compress.init import init_rules
 from compress.interspace import to_interspace, to_standard_state_dict
 from compress.models import build_model
 from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
+from compress.run.rundir import read_json_object, read_tensor_file
 from formats.artifact import VALUE_DTYPES, write_artifact
 from formats.atomic import check_output_file, write_atomic
 
@@ -26,27 +25,15 @@ SUMMARY_KEYS = ("model", "input_shape", "num_classes", "mode", "method", "score"
                 "requested_density", "trained_params", "total_params", "test_acc")
 
 
+_FIX = "the run directory is damaged: resume or rerun the run"
+
+
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {what} {path}: {error}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what} {path} is not a JSON object; the run directory is damaged: rerun it")
-    return value
+    return read_json_object(path, f"{what}: {_FIX}")
 
 
 def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A run directory's safetensors file; a damaged one is the user's to fix, not a crash."""
-    try:
-        return load_file(str(path))
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for damaged files
-        raise UserError(f"cannot read {what} {path} ({_one_line(error)}); the run directory is damaged: "
-                        "resume or rerun the run") from None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:200] or type(error).__name__
+    return read_tensor_file(path, what, _FIX)
 
 
 def check_run_consistency(state: dict, masks: dict, mode: str, seed: int, model: torch.nn.Module) -> None:

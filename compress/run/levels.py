@@ -12,35 +12,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import secrets
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from compress.params import compressible_parameters
 from compress.run.checkpoint import read_checkpoint, write_metrics
 from compress.run.pipeline import Prepared, initialised_model, log, plan_from_masks, plan_rows
 from compress.run.rundir import (MASKS_FILE, MODEL_FILE, REWIND_FILE, SUMMARY_FILE, level_directory,
-                                 read_json_object, write_json, write_tensors)
+                                 read_json_object, read_tensor_file, write_json, write_tensors)
 from compress.run.runner import train_prepared, write_level_files
+from compress.run.staging import remove_stale_siblings, sibling
 from compress.selection import Plan
 from compress.strategies import STRATEGIES, LevelContext
 from formats.atomic import fsync_directory, output_error
 from formats.errors import OutputError, UserError
 
 
-def read_tensor_file(path: Path, shown: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A safetensors file of a run directory; a missing or damaged one is a ``UserError`` saying what to do."""
-    fix = f"start a new run with --out {shown} --overwrite and the run's options"
-    if not path.is_file():
-        raise UserError(f"{path} is missing ({what}); {fix}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise UserError(f"{path} is truncated or corrupted ({what}: {' '.join(str(error).split())}); {fix}") from None
+def _fix(shown: str | Path) -> str:
+    return f"start a new run with --out {shown} --overwrite and the run's options"
 
 
 def stored_masks(directory: Path, shown: str | Path) -> dict[str, torch.Tensor] | None:
@@ -48,11 +40,10 @@ def stored_masks(directory: Path, shown: str | Path) -> dict[str, torch.Tensor] 
     path = directory / MASKS_FILE
     if not path.exists():
         return None
-    masks = read_tensor_file(path, shown, "the level's masks")
+    masks = read_tensor_file(path, "the level's masks", _fix(shown))
     bad = sorted(name for name, mask in masks.items() if mask.dtype != torch.bool)
     if bad:
-        raise UserError(f"{path} holds non-boolean masks ({', '.join(bad[:3])}); start a new run with --out {shown} "
-                        "--overwrite and the run's options")
+        raise UserError(f"{path} holds non-boolean masks ({', '.join(bad[:3])}); {_fix(shown)}")
     return masks
 
 
@@ -81,9 +72,8 @@ def level_context(prepared: Prepared) -> LevelContext:
 
 def _create_level_directory(directory: Path, plan: Plan | None, rows) -> None:
     """Set a level's directory up atomically: written beside it under a temporary name, then renamed."""
-    staging = directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.setup"
-    for stale in directory.parent.glob(f".{directory.name}.*.setup"):  # the run is locked: nobody else's
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_siblings(directory)
+    staging = sibling(directory, "setup")
     try:
         staging.mkdir()
         write_level_files(staging, plan, rows)
@@ -99,20 +89,21 @@ def _create_level_directory(directory: Path, plan: Plan | None, rows) -> None:
 
 def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan | None,
               state: dict[str, torch.Tensor] | None, *, level: int | None = None, branch: str | None = None,
-              rewind_at: int | None = None, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Train one level in ``directory`` (created if new; resumed or skipped if not); returns its summary and
-    final weights. ``state`` is the full state dict the level starts from (None: the model as it is)."""
+              rewind_at: int | None = None, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor], Plan | None]:
+    """Train one level in ``directory`` (created if new; resumed or skipped if not); returns its summary, its
+    final weights and the plan it trained under (its stored masks). ``state`` is the full state dict the level starts from (None: the model as it is)."""
     config, model = prepared.config, prepared.model
-    if (directory / SUMMARY_FILE).is_file():
-        summary = read_json_object(directory / SUMMARY_FILE, f"delete {directory} and resume to train it again")
-        return summary, read_tensor_file(directory / MODEL_FILE, shown, "the level's trained model")
-    if not directory.is_dir():
+    finished = (directory / SUMMARY_FILE).is_file()
+    if not finished and not directory.is_dir():
         _create_level_directory(directory, plan, plan_rows(model, plan, config.mode))
     masks = stored_masks(directory, shown)
     if masks is not None:
         plan = plan_from_masks(config, model, masks, stored_label(directory) or (plan.score if plan else "stored"))
     elif plan is not None:
         raise UserError(f"{directory / MASKS_FILE} is missing; start a new run with --out {shown} --overwrite")
+    if finished:
+        summary = read_json_object(directory / SUMMARY_FILE, f"delete {directory} and resume to train it again")
+        return summary, read_tensor_file(directory / MODEL_FILE, "the level's trained model", _fix(shown)), plan
     if state is not None:
         model.load_state_dict(state)
     checkpoint = read_checkpoint(directory, model, config.train_settings(), shown,
@@ -138,9 +129,9 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
                              directory, shown, start_epoch=checkpoint.epoch, history=checkpoint.history,
                              optimizer_state=checkpoint.optimizer_state, progress=progress, on_step_end=on_step_end,
                              strategy_state={"strategy": config.strategy, "level": level, "branch": branch},
-                             summary_extra={**extra, **({"label": label} if label else {})},
+                             summary_extra=extra, label=label,
                              quiet_done=level is not None)
-    return summary, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return summary, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, plan
 
 
 def _level_row(summary: dict) -> dict:
@@ -173,18 +164,15 @@ def run_strategy(prepared: Prepared, run_dir: Path, shown: str | Path, *, progre
     plan, state, level, rows = prepared.plan, context.initial_state, 0, []
     rewind_state = None
     while True:
-        summary, trained = run_level(prepared, level_directory(run_dir, level), shown, plan, state, level=level,
-                                     rewind_at=rewind_at if level == 0 else None, progress=progress)
+        summary, trained, plan = run_level(prepared, level_directory(run_dir, level), shown, plan, state,
+                                           level=level, rewind_at=rewind_at if level == 0 else None, progress=progress)
         if level == 0 and rewind_at is not None:
-            rewind_state = read_tensor_file(level_directory(run_dir, 0) / REWIND_FILE, shown, "the rewind point")
-        if plan is not None:
-            directory = level_directory(run_dir, level)
-            plan = plan_from_masks(config, prepared.model, stored_masks(directory, shown), stored_label(directory))
+            rewind_state = read_tensor_file(level_directory(run_dir, 0) / REWIND_FILE, "the rewind point", _fix(shown))
         row = _level_row(summary)
         log(f"level {level}: density {summary['density']:.4%}, test acc {summary['test_acc']:.2%}")
         for branch in strategy.branches(options) if level > 0 else []:
             start = strategy.branch_start(context, branch, level, plan, rewind_state)
-            branch_summary, _ = run_level(prepared, level_directory(run_dir, level, branch), shown, start.plan,
+            branch_summary, _, _ = run_level(prepared, level_directory(run_dir, level, branch), shown, start.plan,
                                           start.state, level=level, branch=branch, progress=progress)
             row.setdefault("branches", {})[branch] = _level_row(branch_summary)
             log(f"level {level} branch {branch}: test acc {branch_summary['test_acc']:.2%}")

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from formats.atomic import write_atomic
 from formats.errors import UserError
@@ -98,3 +99,13 @@ def read_json_object(path: Path, fix: str) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
     return value
+
+
+def read_tensor_file(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a run directory; a missing or damaged one is a ``UserError`` ending in ``fix``."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing ({what}); {fix}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise UserError(f"{path} is truncated or corrupted ({what}: {' '.join(str(error).split())}); {fix}") from None

@@ -123,7 +123,7 @@ def _jsonable(value):
 def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_epoch: int = 0,
                    history: list[dict] | None = None, optimizer_state: dict[str, torch.Tensor] | None = None,
                    progress: bool = True, on_step_end=None, strategy_state: dict | None = None,
-                   summary_extra: dict | None = None, quiet_done: bool = False) -> dict:
+                   summary_extra: dict | None = None, label: str = "", quiet_done: bool = False) -> dict:
     """Train from ``start_epoch`` (after the epochs of ``history``), checkpointing each epoch, then finish.
 
     ``out`` is the run directory, or one level's directory for a multilevel strategy; the masks of the
@@ -137,7 +137,7 @@ def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_ep
     constraint = MaskConstraint(model, prepared.plan, initial)
     masks = {n: m.cpu() for n, m in prepared.plan.masks.items()} if prepared.plan is not None else None
     started = time.perf_counter()
-    where = f" ({summary_extra['label']})" if summary_extra and "label" in summary_extra else ""
+    where = f" ({label})" if label else ""
 
     def on_epoch_end(epoch: int, metrics: dict, optimizer) -> None:
         history.append(metrics)
@@ -154,7 +154,7 @@ def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_ep
               on_step_end=on_step_end, progress=progress)
         write_tensors(out / MODEL_FILE, model.state_dict(), {"format": "compress-run-model", "model": config.model})
         summary = make_summary(prepared, history, time.perf_counter() - started)
-        summary.update({k: v for k, v in (summary_extra or {}).items() if k != "label"})
+        summary.update(summary_extra or {})
         write_json(out / SUMMARY_FILE, summary)
     except OutputError as error:
         raise OutputError(f"{error}; the run keeps its last finished epoch: continue it with --resume {shown} "

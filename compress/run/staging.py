@@ -48,7 +48,8 @@ def check_writable(out: str | Path, target: Path | None = None) -> None:
                           "choose another --out")
 
 
-def _sibling(target: Path, kind: str) -> Path:
+def sibling(target: Path, kind: str) -> Path:
+    """A hidden name beside ``target`` owned by this process: ``.NAME.PID.RANDOM.KIND``."""
     return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
@@ -108,7 +109,7 @@ class Setup:
                 directory.mkdir()
                 self._made_parents.append(directory)
             remove_stale_siblings(self.target)
-            staging = _sibling(self.target, "setup")
+            staging = sibling(self.target, "setup")
             staging.mkdir()
             self.staging = staging
         except OSError as error:
@@ -126,7 +127,7 @@ class Setup:
                 if foreign:
                     raise UserError(f"{self.out} now holds files compress did not write ({', '.join(foreign)}); "
                                     "nothing was replaced: move them away or choose another --out")
-                old = _sibling(self.target, "old")
+                old = sibling(self.target, "old")
                 os.rename(self.target, old)
             try:
                 os.rename(self.staging, self.target)
