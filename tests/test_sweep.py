@@ -231,12 +231,24 @@ def test_the_lottery_part_plans_one_imp_run_per_model_mode_and_seed_down_to_the_
     from compress.config import build_config
 
     runs = sweep.plan_runs(["lottery"], 3, 10, None, 10, 5000)
-    assert len(runs) == 2 * 3 * len(sweep.LOTTERY_METHODS) == 12
+    assert len(runs) == 2 * 3 * len(sweep.LOTTERY_METHODS) + 3 * len(sweep.LOTTERY_RESNET_METHODS) == 18
     for run in runs:
         config = build_config(None, {"model": run.model, "seed": run.seed, **run.options}).resolved()
-        assert config.strategy == "imp" and config.density == sweep.LOTTERY_TARGET and config.epochs == 10
-        assert run.path.endswith(f"/d{sweep.LOTTERY_TARGET:g}/s{run.seed}")  # the key of its last level's row
-    assert {build_config(None, r.options).resolved().mode for r in runs} == {"prune", "freeze"}
+        target = sweep.LOTTERY_RESNET_TARGET if run.model == "resnet20" else sweep.LOTTERY_TARGET
+        assert config.strategy == "imp" and config.density == target and config.epochs == 10
+        assert run.path.endswith(f"/d{target:g}/s{run.seed}")  # the key of its last level's row
+    lenets = [r for r in runs if r.model != "resnet20"]
+    assert {build_config(None, r.options).resolved().mode for r in lenets} == {"prune", "freeze"}
+    resnets = [build_config(None, r.options).resolved() for r in runs if r.model == "resnet20"]
+    assert sorted(c.interspace for c in resnets) == [False] * 3 + [True] * 3  # IP-IMP against IMP
+    assert {c.subset for c in resnets} == {5000}  # the resnet part's settings
+
+
+def test_the_dry_run_estimates_a_lottery_run_as_one_training_per_level(sweep):
+    run = sweep.Run("lottery", "lenet5", "imp", 0.001, 0, {"prune_fraction": 0.5})
+    assert sweep.lottery_levels(run) == 11  # level 0, then 0.5 ... 0.5**9 = 0.00195, then 0.001
+    assert sweep.lottery_levels(sweep.Run("lottery", "resnet20", "imp", 0.25, 0, {"prune_fraction": 0.5})) == 3
+    assert sweep.lottery_levels(sweep.Run("lenet", "lenet5", "snip", 0.01, 0)) == 1
 
 
 def test_a_lottery_run_records_a_row_per_level_with_its_cumulative_training_cost(sweep, tmp_path):

@@ -16,7 +16,8 @@ Part "lottery": lottery tickets (IMP, open_lth's definition) on the LeNets, prun
 model, mode and seed removes half of the still-trained weights per level (rewind to init) down to 0.1%; every
 level trains 10 epochs, as one at-init run does in total, so IMP's accuracy at a density costs (levels + 1)
 times the training; each level is a row at its nominal density 0.5^level, with the training seconds of all
-levels up to it.
+levels up to it. On resnet20 (the resnet part's settings), IMP against IP-IMP (IMP on interspace
+coefficients) down to 2%.
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
 seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
@@ -68,6 +69,10 @@ RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, 
 LOTTERY_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
                    "imp-freeze": {"method": "imp", "mode": "freeze", "prune_fraction": 0.5}}
 LOTTERY_TARGET = 0.001
+# IP-IMP against IMP on resnet20 (the resnet part's settings), down to the resnet part's lowest density.
+LOTTERY_RESNET_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
+                          "imp+ip": {"method": "imp", "prune_fraction": 0.5, "interspace": True}}
+LOTTERY_RESNET_TARGET = 0.02
 FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 10, "resnet_subset": 5000}
 QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
 RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
@@ -99,7 +104,8 @@ class Run:
 
 def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int | None, resnet_epochs: int,
               resnet_subset: int, lenet_densities=LENET_DENSITIES, resnet_densities=RESNET_DENSITIES,
-              lottery_target: float = LOTTERY_TARGET) -> list[Run]:
+              lottery_target: float = LOTTERY_TARGET,
+              lottery_resnet_target: float = LOTTERY_RESNET_TARGET) -> list[Run]:
     """Every run of the chosen parts, seed by seed within a model, so a partial sweep holds whole seeds."""
     runs = []
     lenet_common = {"data": "fashion-mnist", "epochs": lenet_epochs}
@@ -121,6 +127,10 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                 for label, options in LOTTERY_METHODS.items():
                     runs.append(Run("lottery", model, label, lottery_target, seed,
                                     {**lenet_common, **options, "density": lottery_target}))
+        for seed in range(seeds):
+            for label, options in LOTTERY_RESNET_METHODS.items():
+                runs.append(Run("lottery", "resnet20", label, lottery_resnet_target, seed,
+                                {**resnet_common, **options, "density": lottery_resnet_target}))
     if "resnet" in parts:
         for seed in range(seeds):
             runs.append(Run("resnet", "resnet20", "dense", 1.0, seed, {**resnet_common, "method": "dense"}))
@@ -251,18 +261,25 @@ def estimate_seconds(runs: list[Run], record: dict[str, dict], device: str | Non
     recorded device label, if given), and how many runs had none to go by."""
     by_model: dict[tuple, list[float]] = {}
     for row in record.values():
-        if device is not None and row["device"] != device:
-            continue
+        if (device is not None and row["device"] != device) or row["part"] == "lottery":
+            continue  # a lottery row carries the seconds of all its levels
         options = json.loads(row["settings"])
         by_model.setdefault((row["model"], options.get("epochs"), options.get("subset")), []).append(row["seconds"])
     total, unknown = 0.0, 0
     for run in runs:
         seen = by_model.get((run.model, run.options.get("epochs"), run.options.get("subset")))
         if seen:
-            total += statistics.mean(seen)
+            total += statistics.mean(seen) * lottery_levels(run)
         else:
             unknown += 1
     return total, unknown
+
+
+def lottery_levels(run: Run) -> int:
+    """How many trainings a run costs: 1, or for a lottery run level 0 plus every pruning level to its target."""
+    if run.part != "lottery":
+        return 1
+    return 1 + math.ceil(math.log(run.density) / math.log(1 - run.options["prune_fraction"]) - 1e-9)
 
 
 def sweep(runs: list[Run], root: Path, results: Path, jobs: int = 1, threads: int | None = None,
@@ -522,7 +539,8 @@ def main(argv=None) -> None:
                      settings["resnet_epochs"], settings["resnet_subset"],
                      lenet_densities=[0.05, 0.0064] if args.quick else LENET_DENSITIES,
                      resnet_densities=[0.05] if args.quick else RESNET_DENSITIES,
-                     lottery_target=0.05 if args.quick else LOTTERY_TARGET)
+                     lottery_target=0.05 if args.quick else LOTTERY_TARGET,
+                     lottery_resnet_target=0.05 if args.quick else LOTTERY_RESNET_TARGET)
     if args.models:
         wanted = {name.strip() for name in args.models.split(",")}
         runs = [run for run in runs if run.model in wanted]
