@@ -14,6 +14,7 @@ from compress.interspace import BASES
 from compress.methods import METHODS
 from compress.models import MODELS
 from compress.scores import SCORES
+from compress.allocation import ALLOCATIONS
 from compress.selection import MODES, SCOPES
 from compress.strategies import STRATEGIES, option_fields
 from compress.training import OPTIMIZERS, SCHEDULES
@@ -69,8 +70,13 @@ def selection_options(function):
         click.option("--mode", type=click.Choice(MODES), help="Override the method's mode: prune (zero) or freeze (seeded init)."),
         click.option("--density", type=float, help="Fraction of compressible weights trained, in (0, 1]."),
         click.option("--sparsity", type=float, help="Fraction of compressible weights not trained (= 1 - density)."),
-        click.option("--scope", type=click.Choice(SCOPES), help="Top-k over all layers together (global) or the same "
-                     f"density in every layer. [default: {CONFIG_DEFAULTS['scope']}]"),
+        click.option("--scope", type=click.Choice(SCOPES), help="Top-k over all layers together (global), the same "
+                     "density in every layer (layer), or ERK densities per layer (erk). [default: global; erk for "
+                     "--method set/rigl]"),
+        click.option("--allocation", type=click.Choice(tuple(ALLOCATIONS)), help="The per-layer densities, another "
+                     "name for --scope: erk (Erdos-Renyi-kernel: a layer's density proportional to the sum of its "
+                     "dimensions over their product, dense where that would exceed 1), uniform (= --scope layer) or "
+                     "global (one top-k over all layers). [default: global; erk for --method set/rigl]"),
         click.option("--interspace", is_flag=True, default=None,
                      help="Interspace pruning: every KxK conv (K > 1) becomes coefficients over a per-layer filter "
                           "basis; masks, scores and freezing apply to the coefficients, the basis is trained."),

@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress.allocation import scope_of_allocation
 from compress.interspace import BASES
 from compress.methods import METHODS
 from compress.rng import check_seed
@@ -47,7 +48,7 @@ class RunConfig:
     gamma: float = 0.5  # COPS: fraction of the second score's best value the mask must keep
     mode: str | None = None
     density: float | None = None
-    scope: str = "global"
+    scope: str | None = None  # global, layer or erk (--allocation global|uniform|erk); default: the strategy's
     include_bias: bool = False
     interspace: bool = False  # interspace pruning: masks on coefficients over per-layer filter bases
     basis: str = "dct"  # the initial filter basis of interspace layers: dct or spatial
@@ -112,6 +113,7 @@ class RunConfig:
         config.mode = config.mode or method.mode
         if config.mode not in MODES:
             raise UserError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
+        config.scope = config.scope or strategy.default_scope
         if config.scope not in SCOPES:
             raise UserError(f"unknown scope {config.scope!r}; known: {', '.join(SCOPES)}")
         if config.on_collapse not in ON_COLLAPSE:
@@ -196,14 +198,19 @@ def config_from_dict(values: dict, source: str = "config") -> RunConfig:
         if name in strategy_keys:
             strategy_options[name] = value
             continue
-        if name not in CONFIG_FIELDS + ["sparsity"]:
-            known = sorted(CONFIG_FIELDS + ["sparsity"] + list(strategy_keys))
+        if name not in CONFIG_FIELDS + ["sparsity", "allocation"]:
+            known = sorted(CONFIG_FIELDS + ["sparsity", "allocation"] + list(strategy_keys))
             raise UserError(f"{source}: unknown key {key!r}; known: {', '.join(known)}")
         clean[name] = value
     if strategy_options:
         if not isinstance(clean.get("strategy_options", {}), dict):
             raise UserError(f"{source}: strategy_options must be a mapping")
         clean["strategy_options"] = {**clean.get("strategy_options", {}), **strategy_options}
+    if "allocation" in clean:
+        scope = scope_of_allocation(clean.pop("allocation"))
+        if clean.get("scope") not in (None, scope):
+            raise UserError(f"{source}: --allocation and --scope disagree ({scope} against {clean['scope']}); give one")
+        clean["scope"] = scope
     if clean.get("score") == "cops":  # config.json of earlier versions: COPS was a pseudo-score
         clean["score"] = None
         clean.setdefault("selector", "cops")
@@ -260,6 +267,8 @@ def build_config(config_file: str | None, overrides: dict) -> RunConfig:
     cleaned_overrides = {k: v for k, v in overrides.items() if v is not None}
     if any(k in cleaned_overrides for k in ("density", "sparsity")):
         values = {k: v for k, v in values.items() if str(k) not in ("density", "sparsity")}
+    if any(k in cleaned_overrides for k in ("scope", "allocation")):
+        values = {k: v for k, v in values.items() if str(k) not in ("scope", "allocation")}
     values.update(cleaned_overrides)
     return config_from_dict(values, source=str(config_file) if config_file else "options")
 

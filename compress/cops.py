@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.allocation import layer_counts
 from compress.selection import _top_k_flat, register_selector
 
 MAX_BISECTIONS = 2000
@@ -250,12 +251,14 @@ def cops_masks(
     first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], density: float, scope: str, gamma: float
 ) -> dict[str, torch.Tensor]:
     """COPS masks for the pipeline: both scores L1-normalised (over all layers for global scope, per
-    layer for layer scope), then ``combine`` with k = round(density * entries)."""
+    layer for layer and erk scope), then ``combine`` with k = round(density * entries) (per layer: the
+    scope's count of the layer)."""
     names = list(first)
-    if scope == "layer":
+    counts = layer_counts({name: tuple(first[name].shape) for name in names}, density, scope)
+    if counts is not None:
         return {
             name: combine(normalise(first[name].flatten()), normalise(second[name].flatten()),
-                          round(density * first[name].numel()), gamma).reshape(first[name].shape)
+                          counts[name], gamma).reshape(first[name].shape)
             for name in names
         }
     flat_first = normalise(torch.cat([first[name].flatten() for name in names]))

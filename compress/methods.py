@@ -31,3 +31,8 @@ METHODS.register("cops")(Method(None, "prune", "COPS: top of one score subject t
 METHODS.register("random")(Method("random", "prune", "uniformly random selection, rest pruned"))
 METHODS.register("imp")(Method(None, "prune", "lottery tickets: iterative magnitude pruning with rewinding "
                                              "(--levels or --density, --prune-fraction, --rewind)", "imp"))
+METHODS.register("set")(Method("random", "prune", "dynamic sparse training (SET): drop the smallest weights, regrow "
+                                             "at random (--update-every, --drop-fraction, --allocation)", "set"))
+METHODS.register("rigl")(Method("random", "prune", "dynamic sparse training (RigL): drop the smallest weights, regrow "
+                                              "where the gradient is largest (--update-every, --drop-fraction, "
+                                              "--allocation)", "rigl"))

@@ -97,7 +97,9 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         raise UserError(f"{run_dir} lacks {', '.join(missing)} in summary.json/config.json; the run directory is "
                         "damaged or from another tool: rerun it")
     state = _read_tensors(trained / "model.safetensors", "trained model")
-    masks_path = trained / "masks.safetensors"
+    masks_path = trained / "final_masks.safetensors"  # masks that moved during training (dynamic sparse)
+    if not masks_path.is_file():
+        masks_path = trained / "masks.safetensors"
     masks = {k: v.bool() for k, v in _read_tensors(masks_path, "masks").items()} if masks_path.is_file() else {}
     architecture = {"model": summary["model"], "input_shape": summary["input_shape"],
                     "num_classes": summary["num_classes"]}

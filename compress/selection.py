@@ -2,7 +2,8 @@
 
 ``density`` is the one internal number: the fraction of compressible entries that are trained.
 Global scope keeps the top ``round(density * N)`` entries over all scored parameters together;
-layer scope keeps ``round(density * n_l)`` in every layer. Ties are broken by position (earlier
+layer scope keeps ``round(density * n_l)`` in every layer, erk scope the ERK count of every layer
+(``compress.allocation``). Ties are broken by position (earlier
 parameter, then lower flat index), so a selection is deterministic on every machine.
 
 Selectors (registered in ``SELECTORS``) turn one or more scores into masks: ``topk`` here, ``cops`` in
@@ -16,10 +17,10 @@ from typing import Callable
 
 import torch
 
+from compress.allocation import SCOPES, layer_counts
 from compress.registry import Registry
 
 MODES = ("prune", "freeze")
-SCOPES = ("global", "layer")
 
 
 @dataclass
@@ -82,15 +83,16 @@ def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_masks(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
-    """Masks keeping the highest scores at ``density`` with ``scope`` (global or layer)."""
+    """Masks keeping the highest scores at ``density`` with ``scope`` (global, layer or erk)."""
     density = check_density(density)
     check_choice("scope", scope, SCOPES)
     for name, value in scores.items():
         if not torch.isfinite(value).all():
             raise UserError(f"score of {name} has non-finite entries (nan or inf); cannot select")
-    if scope == "layer":
+    counts = layer_counts({name: tuple(value.shape) for name, value in scores.items()}, density, scope)
+    if counts is not None:
         return {
-            name: _top_k_flat(value.detach().flatten().double().cpu(), round(density * value.numel()))
+            name: _top_k_flat(value.detach().flatten().double().cpu(), counts[name])
             .reshape(value.shape)
             .to(value.device)
             for name, value in scores.items()

@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import click
 import torch
@@ -90,7 +90,11 @@ class TrainSettings:
 
 
 class MaskConstraint:
-    """Keeps the parameters of a model on a Plan; an explicit object, nothing is attached to the model."""
+    """Keeps the parameters of a model on a Plan; an explicit object, nothing is attached to the model.
+
+    The masks may move during training (``set_mask``, for dynamic sparse training); a moved entry is put
+    on the plan at once: zero (prune) or its seeded initial value (freeze) where no longer trained.
+    """
 
     def __init__(self, model: nn.Module, plan: Plan | None, initial: dict[str, torch.Tensor] | None = None):
         self.mode = plan.mode if plan is not None else "dense"
@@ -107,14 +111,36 @@ class MaskConstraint:
                 frozen = initial[name].to(param.device, param.dtype)
             self._entries.append((param, untrained, frozen))
 
+    def parameter(self, name: str) -> nn.Parameter:
+        return self._entries[self.names.index(name)][0]
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The current mask of ``name`` (True = trained), on the parameter's device."""
+        return ~self._entries[self.names.index(name)][1]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every current mask, on the CPU (for checkpoints)."""
+        return {name: (~untrained).cpu() for name, (_, untrained, _) in zip(self.names, self._entries)}
+
+    @torch.no_grad()
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Train ``name`` where ``mask`` is set from now on; entries no longer trained go back on the plan."""
+        param, untrained, frozen = self._entries[self.names.index(name)]
+        untrained.copy_(~mask.to(untrained.device, torch.bool))
+        self._project_one(param, untrained, frozen)
+
     @torch.no_grad()
     def project(self) -> None:
         """Put every masked parameter on the plan: zero (prune) or the initial value (freeze) where untrained."""
         for param, untrained, frozen in self._entries:
-            if frozen is None:
-                param.masked_fill_(untrained, 0.0)
-            else:
-                param.copy_(torch.where(untrained, frozen, param))
+            self._project_one(param, untrained, frozen)
+
+    @staticmethod
+    def _project_one(param: torch.Tensor, untrained: torch.Tensor, frozen: torch.Tensor | None) -> None:
+        if frozen is None:
+            param.masked_fill_(untrained, 0.0)
+        else:
+            param.copy_(torch.where(untrained, frozen, param))
 
     @torch.no_grad()
     def mask_gradients(self, weight_decay: float) -> None:
@@ -125,6 +151,34 @@ class MaskConstraint:
             if weight_decay:
                 param.grad.add_(param, alpha=weight_decay)
             param.grad.masked_fill_(untrained, 0.0)
+
+    def dense_gradients(self) -> dict[str, torch.Tensor]:
+        """Copies of the loss gradients of every masked parameter, untrained entries included (call after the
+        backward pass and before ``mask_gradients``); zero for a parameter that got none."""
+        return {name: (param.grad.detach().clone() if param.grad is not None else torch.zeros_like(param))
+                for name, (param, _, _) in zip(self.names, self._entries)}
+
+
+class MaskUpdater(Protocol):
+    """Moves the masks during training (dynamic sparse training); called after the optimizer step."""
+
+    def due(self, step: int) -> bool:
+        """Whether the masks move after (0-based) global step ``step``; its dense gradients are kept then."""
+
+    def update(self, step: int, constraint: MaskConstraint, optimizer: torch.optim.Optimizer,
+               gradients: dict[str, torch.Tensor]) -> dict:
+        """Move the masks; returns the record of the update (for metrics.jsonl)."""
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the updater (JSON)."""
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
+    """Zero the optimizer's per-entry state (momentum, Adam moments) of ``param`` where ``where`` is set."""
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(where.to(value.device), 0)
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings, masked: list[str]) -> torch.optim.Optimizer:
@@ -201,11 +255,17 @@ EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint: MaskConstraint,
-                  inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float) -> torch.Tensor:
-    """One constrained step: forward, backward, mask the gradients, optimizer step; returns the loss."""
+                  inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float,
+                  gradients: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One constrained step: forward, backward, mask the gradients, optimizer step; returns the loss.
+
+    ``gradients``, when given, receives the dense loss gradients of the masked parameters (before masking).
+    """
     loss = F.cross_entropy(model(inputs), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if gradients is not None:
+        gradients.update(constraint.dense_gradients())
     constraint.mask_gradients(weight_decay)
     optimizer.step()
     return loss
@@ -225,12 +285,15 @@ def train(
     on_step_end: Callable[[int], None] | None = None,
     progress: bool = True,
     channels_last: bool = True,
+    mask_updater: MaskUpdater | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for the epochs ``start_epoch .. settings.epochs - 1``; returns metrics.
 
     Shuffling and dropout are seeded per epoch from ``seed``, so a run resumed at an epoch boundary
     ends with exactly the weights of an uninterrupted run (on CPU). ``channels_last=False`` keeps conv
-    nets in NCHW layout on the CPU (the layout benchmark's baseline).
+    nets in NCHW layout on the CPU (the layout benchmark's baseline). ``mask_updater`` moves the masks
+    after the steps it is due at (their dense gradients kept for it); its records go into the epoch's
+    metrics as ``mask_updates``.
     """
     settings.validate()
     optimizer = make_optimizer(model, settings, constraint.names)
@@ -245,7 +308,7 @@ def train(
             torch.manual_seed(derived_seed(seed, "dropout", epoch))
             shuffle = torch.Generator().manual_seed(derived_seed(seed, "shuffle", epoch))
             model.train()
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen, updates = 0.0, 0, []
             batches = data.train.batches(settings.batch_size, shuffle=True, generator=shuffle, train=True)
             label = f"epoch {epoch + 1}/{settings.epochs}"
             with click.progressbar(
@@ -258,13 +321,21 @@ def train(
                     inputs, labels = inputs.to(device), labels.to(device)
                     if fast_layout and inputs.dim() == 4:
                         inputs = inputs.contiguous(memory_format=torch.channels_last)
-                    loss = training_step(model, optimizer, constraint, inputs, labels, settings.weight_decay)
+                    step = epoch * steps_per_epoch + step_in_epoch
+                    due = mask_updater is not None and mask_updater.due(step)
+                    gradients = {} if due else None
+                    loss = training_step(model, optimizer, constraint, inputs, labels, settings.weight_decay,
+                                         gradients)
+                    if due:
+                        updates.append(mask_updater.update(step, constraint, optimizer, gradients))
                     if on_step_end is not None:
-                        on_step_end(epoch * steps_per_epoch + step_in_epoch)
+                        on_step_end(step)
                     loss_sum += float(loss.detach()) * len(labels)
                     seen += len(labels)
             constraint.project()
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": lr}
+            if mask_updater is not None:
+                metrics["mask_updates"] = updates
             if settings.evaluates_after(epoch):
                 test = evaluate(model, data.test, settings.batch_size, device)
                 metrics.update(test_loss=test["loss"], test_acc=test["acc"])

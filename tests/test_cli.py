@@ -8,16 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import compress.training
-from cli.main import main
+from cli_helpers import run_cli
 
 QUICK = ["--model", "lenet300", "--data", "synthetic", "--subset", "256", "--epochs", "1", "--batch-size", "64",
          "--quiet"]
-
-
-def run_cli(args, capsys):
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, capsys):

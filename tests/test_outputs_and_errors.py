@@ -15,12 +15,7 @@ import formats
 from cli.main import main
 from formats.atomic import remove_stale_temporaries, write_atomic
 from formats.errors import OutputError, UserError
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_helpers import run_cli
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,23 +11,17 @@ import formats
 import formats.artifact
 import formats.container
 from formats.errors import OutputError
-from cli.main import main
 from compress.data import load_data
 from compress.models import build_model
 from compress.packing import pack_run
 from compress.training import evaluate
+from cli_helpers import run_cli
 
 KINDS = ["freeze", "prune", "dense", "bn"]
 
 
 def read_json(path):
     return json.loads(path.read_text())
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def run_model(run_dir) -> torch.nn.Module:
@@ -43,7 +37,6 @@ def accuracy_of(model, run_dir) -> float:
     data = load_data(summary["data"], shape=tuple(summary["input_shape"]), num_classes=summary["num_classes"],
                      seed=config["seed"])
     return evaluate(model, data.test, 256, torch.device("cpu"))["acc"]
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,8 @@
 """Strategies: IMP levels (exact counts, nested masks, rewinding, prune/freeze), resume, pack --level, branches,
 interspace, option errors, and that oneshot resume never scores again."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +22,7 @@ from compress.models import build_model
 from compress.strategies import LevelContext
 from compress.strategies.imp import ImpOptions, IterativeMagnitudePruning
 from formats.errors import UserError
+from cli_helpers import kill_9_when, one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -54,20 +52,6 @@ RUNS = {
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code, err, *phrases):
-    assert code == 2, err
-    last = err.splitlines()[-1]
-    assert last.startswith("error: ") and err.endswith(last + "\n") and "Traceback" not in err, err
-    for phrase in phrases:
-        assert phrase in last, err
 
 
 def clone(state):
@@ -357,22 +341,7 @@ def test_rerunning_a_finished_imp_run_is_a_no_op(trained, capsys, monkeypatch):
 def test_a_kill_9_during_level_2_resumes_bit_identically(trained, tmp_path, capsys):
     reference, _ = trained("imp")
     run = tmp_path / "run"
-    log = (tmp_path / "child.log").open("w")
-    child = subprocess.Popen([sys.executable, "-m", "cli.main", "train", *RUNS["imp"], "--out", str(run)],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (run / "level_2" / "checkpoint.safetensors").exists():
-            assert child.poll() is None, (tmp_path / "child.log").read_text()
-            assert time.monotonic() < deadline, "level 2 never checkpointed"
-            time.sleep(0.005)
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=30)
-        log.close()
+    kill_9_when(["train", *RUNS["imp"], "--out", run], run / "level_2" / "checkpoint.safetensors", tmp_path / "child.log")
     assert not (run / "level_2" / "summary.json").exists() and not (run / "summary.json").exists()
     code, _, err = run_cli(["train", "--resume", run, "--quiet"], capsys)
     assert code == 0, err

@@ -244,6 +244,22 @@ def test_the_lottery_part_plans_one_imp_run_per_model_mode_and_seed_down_to_the_
     assert {c.subset for c in resnets} == {5000}  # the resnet part's settings
 
 
+def test_the_dynamic_part_plans_rigl_and_set_in_both_modes_with_erk_and_ip_rigl_against_rigl(sweep):
+    from compress.config import build_config
+
+    runs = sweep.plan_runs(["dynamic"], 3, 10, None, 10, 5000)
+    lenets = [r for r in runs if r.model == "lenet5"]
+    resnets = [r for r in runs if r.model == "resnet20"]
+    assert len(lenets) == 3 * len(sweep.DYNAMIC_METHODS) * len(sweep.LENET_DENSITIES) == 84
+    assert len(resnets) == 3 * len(sweep.DYNAMIC_RESNET_METHODS) * len(sweep.RESNET_DENSITIES) == 18
+    configs = [build_config(None, {"model": r.model, "seed": r.seed, **r.options}).resolved() for r in runs]
+    assert {(c.strategy, c.mode) for c in configs[:len(lenets)]} == {("rigl", "prune"), ("rigl", "freeze"),
+                                                                    ("set", "prune"), ("set", "freeze")}
+    assert {c.scope for c in configs} == {"erk"} and {c.epochs for c in configs} == {10}
+    assert sorted(c.interspace for c in configs[len(lenets):]) == [False] * 9 + [True] * 9
+    assert {c.subset for c in configs[len(lenets):]} == {5000}
+
+
 def test_the_dry_run_estimates_a_lottery_run_as_one_training_per_level(sweep):
     run = sweep.Run("lottery", "lenet5", "imp", 0.001, 0, {"prune_fraction": 0.5})
     assert sweep.lottery_levels(run) == 11  # level 0, then 0.5 ... 0.5**9 = 0.00195, then 0.001

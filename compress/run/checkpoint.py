@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,8 @@ class Checkpoint:
     history: list[dict]
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor] | None = None  # the masks at that epoch, when they move within a level
+    strategy: dict = field(default_factory=dict)  # the strategy's state kept in the checkpoint
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict],
@@ -60,10 +62,12 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 
 def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, shown: str | Path,
-                    masks: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+                    masks: dict[str, torch.Tensor] | None = None, moving: bool = False) -> Checkpoint:
     """The validated checkpoint of ``run_dir`` for ``model``; epoch 0 (nothing) when there is none yet.
 
-    Masks in the checkpoint must equal ``masks`` (the level's stored masks)."""
+    Masks in the checkpoint must equal ``masks`` (the level's stored masks); with ``moving`` (masks that
+    move during training) they are the masks of that epoch, returned, and must train as many entries of
+    every parameter as ``masks`` do."""
     path = run_dir / CHECKPOINT_FILE
     if not path.exists():
         return Checkpoint(0, [], {}, {})
@@ -92,12 +96,44 @@ def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, sh
         if missing:
             raise bad(f"lacks the tensor(s) {', '.join(missing[:3])}")
     stored_masks = {k[len("mask/"):]: tensors.pop(k) for k in list(tensors) if k.startswith("mask/")}
-    if stored_masks and (sorted(stored_masks) != sorted(masks or {})
-                         or any(not torch.equal(stored_masks[n], pack_mask(masks[n])) for n in stored_masks)):
+    moved = None
+    if moving and epoch:
+        moved = _moved_masks(stored_masks, masks or {}, bad)
+    elif stored_masks and (sorted(stored_masks) != sorted(masks or {})
+                           or any(not torch.equal(stored_masks[n], pack_mask(masks[n])) for n in stored_masks)):
         raise bad(f"holds masks that differ from {run_dir}'s masks.safetensors")
     model_state = _model_state(tensors, model, bad)
     optimizer_state = _optimizer_state(tensors, model, settings, bad)
-    return Checkpoint(epoch, history, model_state, optimizer_state)
+    try:
+        strategy = json.loads(metadata.get("strategy", "{}"))
+    except ValueError:
+        strategy = None
+    if not isinstance(strategy, dict):
+        raise bad("has a damaged strategy state in its metadata")
+    return Checkpoint(epoch, history, model_state, optimizer_state, moved, strategy)
+
+
+def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``pack_mask`` for a mask of ``shape``."""
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.unpackbits(bits.numpy().astype(np.uint8, copy=False), count=count)
+    return torch.from_numpy(flat.astype(bool)).reshape(shape)
+
+
+def _moved_masks(stored: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bad) -> dict[str, torch.Tensor]:
+    """The masks a checkpoint holds for moving masks: one per masked parameter, with its start's count."""
+    if sorted(stored) != sorted(start):
+        raise bad("holds masks of other parameters than the run's masks.safetensors")
+    masks = {}
+    for name, mask in start.items():
+        bits = stored[name]
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (mask.numel() + 7) // 8:
+            raise bad(f"holds a mask of {name} that is not {mask.numel()} packed bits")
+        masks[name] = unpack_mask(bits, mask.shape)
+        if int(masks[name].sum()) != int(mask.sum()):
+            raise bad(f"holds a mask of {name} training {int(masks[name].sum())} entries, not the run's "
+                      f"{int(mask.sum())}")
+    return masks
 
 
 def _epoch(raw, epochs: int, bad) -> int:

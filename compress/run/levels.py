@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from compress.params import compressible_parameters
 from compress.run.checkpoint import read_checkpoint, write_metrics
 from compress.run.pipeline import Prepared, initialised_model, log, plan_from_masks, plan_rows
-from compress.run.rundir import (MASKS_FILE, MODEL_FILE, REWIND_FILE, SUMMARY_FILE, level_directory,
+from compress.run.rundir import (FINAL_MASKS_FILE, MASKS_FILE, MODEL_FILE, REWIND_FILE, SUMMARY_FILE, level_directory,
                                  read_json_object, read_tensor_file, write_json, write_tensors)
 from compress.run.runner import train_prepared, write_level_files
 from compress.run.staging import remove_stale_siblings, sibling
@@ -35,9 +35,10 @@ def _fix(shown: str | Path) -> str:
     return f"start a new run with --out {shown} --overwrite and the run's options"
 
 
-def stored_masks(directory: Path, shown: str | Path) -> dict[str, torch.Tensor] | None:
-    """The masks a level was started with (None: a dense level), checked to be boolean."""
-    path = directory / MASKS_FILE
+def stored_masks(directory: Path, shown: str | Path, name: str = MASKS_FILE) -> dict[str, torch.Tensor] | None:
+    """The masks a level was started with (None: a dense level), or another masks file of it, checked to be
+    boolean."""
+    path = directory / name
     if not path.exists():
         return None
     masks = read_tensor_file(path, "the level's masks", _fix(shown))
@@ -101,15 +102,26 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
         plan = plan_from_masks(config, model, masks, stored_label(directory) or (plan.score if plan else "stored"))
     elif plan is not None:
         raise UserError(f"{directory / MASKS_FILE} is missing; start a new run with --out {shown} --overwrite")
+    strategy = STRATEGIES.get(config.strategy)
     if finished:
         summary = read_json_object(directory / SUMMARY_FILE, f"delete {directory} and resume to train it again")
+        final = stored_masks(directory, shown, FINAL_MASKS_FILE) if strategy.moving_masks else None
+        if final is not None:
+            plan = plan_from_masks(config, model, final, plan.score)
         return summary, read_tensor_file(directory / MODEL_FILE, "the level's trained model", _fix(shown)), plan
     if state is not None:
         model.load_state_dict(state)
+    moving = strategy.moving_masks and plan is not None
     checkpoint = read_checkpoint(directory, model, config.train_settings(), shown,
-                                 plan.masks if plan is not None else None)
+                                 plan.masks if plan is not None else None, moving=moving)
     if checkpoint.model_state:
         model.load_state_dict(checkpoint.model_state)
+    mask_updater = None
+    if moving:
+        if checkpoint.masks is not None:
+            plan = plan_from_masks(config, model, checkpoint.masks, plan.score)
+        mask_updater = strategy.mask_updater(config, config.strategy_settings(), steps_per_epoch(prepared),
+                                             checkpoint.epoch * steps_per_epoch(prepared), checkpoint.strategy)
     write_metrics(directory, checkpoint.history)
     on_step_end = None
     if rewind_at is not None:
@@ -130,7 +142,7 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
                              optimizer_state=checkpoint.optimizer_state, progress=progress, on_step_end=on_step_end,
                              strategy_state={"strategy": config.strategy, "level": level, "branch": branch},
                              summary_extra=extra, label=label,
-                             quiet_done=level is not None)
+                             quiet_done=level is not None, mask_updater=mask_updater)
     return summary, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, plan
 
 

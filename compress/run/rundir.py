@@ -25,9 +25,10 @@ MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "compress.lock"
 REWIND_FILE = "rewind.safetensors"  # multilevel strategies: the weights at the rewind point of level 0
+FINAL_MASKS_FILE = "final_masks.safetensors"  # masks that moved during training: those the model ended with
 
 RUN_FILES = (CONFIG_FILE, MASKS_FILE, PLAN_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, LOCK_FILE,
-             REWIND_FILE)
+             REWIND_FILE, FINAL_MASKS_FILE)
 # the sub-directories of multilevel strategies: level_K, and the branches level_K/branch_NAME
 _LEVEL = re.compile(r"^(level_[0-9]+|branch_[a-z]+)$")
 

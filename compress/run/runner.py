@@ -1,6 +1,7 @@
 """A new run: check the target, set the run directory up atomically, train, and finish it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict
@@ -12,7 +13,8 @@ from compress.config import RunConfig, config_from_dict
 from compress.init import initial_values
 from compress.run.checkpoint import save_checkpoint, write_metrics
 from compress.run.pipeline import Prepared, log, prepare
-from compress.run.rundir import (CONFIG_FILE, MASKS_FILE, MODEL_FILE, PLAN_FILE, SUMMARY_FILE, foreign_entries,
+from compress.run.rundir import (CONFIG_FILE, FINAL_MASKS_FILE, MASKS_FILE, MODEL_FILE, PLAN_FILE, SUMMARY_FILE,
+                                 foreign_entries,
                                  level_directory, name_list, read_json, read_json_object, write_json, write_tensors)
 from compress.run.staging import Setup, check_writable, resolve_target
 from compress.run.summary import make_summary
@@ -123,11 +125,13 @@ def _jsonable(value):
 def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_epoch: int = 0,
                    history: list[dict] | None = None, optimizer_state: dict[str, torch.Tensor] | None = None,
                    progress: bool = True, on_step_end=None, strategy_state: dict | None = None,
-                   summary_extra: dict | None = None, label: str = "", quiet_done: bool = False) -> dict:
+                   summary_extra: dict | None = None, label: str = "", quiet_done: bool = False,
+                   mask_updater=None) -> dict:
     """Train from ``start_epoch`` (after the epochs of ``history``), checkpointing each epoch, then finish.
 
-    ``out`` is the run directory, or one level's directory for a multilevel strategy; the masks of the
-    plan and ``strategy_state`` go into every checkpoint.
+    ``out`` is the run directory, or one level's directory for a multilevel strategy; the current masks
+    and ``strategy_state`` (with the ``mask_updater``'s state) go into every checkpoint. Masks moved by a
+    ``mask_updater`` are written to ``final_masks.safetensors`` at the end, before the model.
     """
     config, model = prepared.config, prepared.model
     history = list(history or [])
@@ -141,7 +145,10 @@ def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_ep
 
     def on_epoch_end(epoch: int, metrics: dict, optimizer) -> None:
         history.append(metrics)
-        save_checkpoint(out, model, optimizer, history, masks, strategy_state)  # the truth; metrics follow
+        current, state = masks, strategy_state
+        if mask_updater is not None:
+            current, state = constraint.masks(), {**(strategy_state or {}), **mask_updater.state()}
+        save_checkpoint(out, model, optimizer, history, current, state)  # the truth; metrics follow
         write_metrics(out, history)
         val = f"  val acc {metrics['val_acc']:.2%}" if "val_acc" in metrics else ""
         test = f"  test acc {metrics['test_acc']:.2%}" if "test_acc" in metrics else ""
@@ -151,7 +158,11 @@ def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_ep
     try:
         train(model, prepared.data, config.train_settings(), constraint, seed=config.seed, device=prepared.device,
               start_epoch=start_epoch, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end,
-              on_step_end=on_step_end, progress=progress)
+              on_step_end=on_step_end, progress=progress, mask_updater=mask_updater)
+        if mask_updater is not None:
+            final = constraint.masks()
+            write_tensors(out / FINAL_MASKS_FILE, final, {"mode": prepared.plan.mode, "score": str(prepared.plan.score)})
+            prepared = dataclasses.replace(prepared, plan=dataclasses.replace(prepared.plan, masks=final))
         write_tensors(out / MODEL_FILE, model.state_dict(), {"format": "compress-run-model", "model": config.model})
         summary = make_summary(prepared, history, time.perf_counter() - started)
         summary.update(summary_extra or {})

@@ -3,7 +3,8 @@
 A run trains one or more *levels*; a level is a complete training of ``--epochs`` epochs under fixed
 masks, started from given weights. A strategy decides the masks and the starting weights of each
 level: ``oneshot`` (every at-init method) trains one level under the at-init plan; ``imp`` (lottery
-tickets) prunes by magnitude between levels and rewinds. The training loop only enforces the current
+tickets) prunes by magnitude between levels and rewinds; ``set`` and ``rigl`` (dynamic sparse training)
+move the masks every few steps within their one level through a mask updater. The training loop only enforces the current
 masks (``compress.training.MaskConstraint``: prune = exactly zero, freeze = bit-identical to the
 seeded init) and the runner calls the strategy at level boundaries. A strategy's options are a
 dataclass whose defaults are no-ops; its fields become CLI options (``--levels``, ...), documented by
@@ -53,6 +54,8 @@ class Strategy:
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     multilevel: ClassVar[bool] = False  # levels are kept in sub-directories level_0, level_1, ...
+    moving_masks: ClassVar[bool] = False  # the masks move within a level (dynamic sparse training)
+    default_scope: ClassVar[str] = "global"  # the scope (allocation) when none is given
 
     def check(self, config, options) -> None:
         """Raise ``UserError`` for options that do not fit the rest of the config."""
@@ -72,6 +75,11 @@ class Strategy:
     def next_level(self, context: LevelContext, level: int, trained: dict[str, torch.Tensor], plan: Plan | None,
                    rewind_state: dict[str, torch.Tensor] | None) -> LevelStart | None:
         """The level after ``level`` (whose final weights are ``trained``), or None when the run is done."""
+        return None
+
+    def mask_updater(self, config, options, steps_per_epoch: int, start_step: int, state: dict | None):
+        """The ``compress.training.MaskUpdater`` that moves the masks during a level starting at global step
+        ``start_step`` (``state``: what the checkpoint kept of it); None: the masks stay fixed in a level."""
         return None
 
     def branches(self, options) -> list[str]:
@@ -122,7 +130,7 @@ def build_options(strategy_name: str, values: dict):
     return strategy.Options(**values)
 
 
-from compress.strategies import imp, oneshot  # noqa: E402,F401  (registration)
+from compress.strategies import imp, oneshot, rigl, set_strategy  # noqa: E402,F401  (registration)
 
 __all__ = ["STRATEGIES", "Strategy", "LevelContext", "LevelStart", "NoOptions", "build_options", "option_fields",
            "register"]

@@ -94,6 +94,9 @@ class IterativeMagnitudePruning(Strategy):
     multilevel = True
 
     def check(self, config, options: ImpOptions) -> None:
+        if config.scope == "erk":
+            raise UserError("--method imp prunes by trained magnitude over all layers (--allocation global) or in "
+                            "every layer (--allocation uniform); ERK allocation is for at-init and dynamic methods")
         if (options.levels is None) == (config.density is None):
             raise UserError("--method imp needs --levels N (pruning levels) or --density D (the target), not both "
                             "and not neither")

@@ -2,7 +2,7 @@
 
     python examples/reproduce/sweep.py --quick            # a small slice, under 10 minutes on 2 cores
     python examples/reproduce/sweep.py                    # the full sweep (hours; resumable, in parts)
-    python examples/reproduce/sweep.py --part lenet       # only the LeNet part (or --part resnet)
+    python examples/reproduce/sweep.py --part lenet       # only the LeNet part (or lottery, dynamic, resnet)
     python examples/reproduce/sweep.py --part lenet --models lenet300   # one model of a part
     python examples/reproduce/sweep.py --dry-run          # what is left to run and how long it should take
     python examples/reproduce/sweep.py --report           # redraw tables and plots from the record only
@@ -18,6 +18,10 @@ level trains 10 epochs, as one at-init run does in total, so IMP's accuracy at a
 times the training; each level is a row at its nominal density 0.5^level, with the training seconds of all
 levels up to it. On resnet20 (the resnet part's settings), IMP against IP-IMP (IMP on interspace
 coefficients) down to 2%.
+Part "dynamic": dynamic sparse training, RigL and SET (prune and freeze mode, ERK per-layer densities, the
+defaults of `compress train`: masks moved every 100 steps before 75% of training, 30% at first, cosine-decayed)
+on LeNet-5-Caffe at the LeNet densities, 10 epochs like the at-init runs; and IP-RigL (RigL on interspace
+coefficients) against RigL on resnet20 with the resnet part's settings.
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
 seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
@@ -73,6 +77,11 @@ LOTTERY_TARGET = 0.001
 LOTTERY_RESNET_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
                           "imp+ip": {"method": "imp", "prune_fraction": 0.5, "interspace": True}}
 LOTTERY_RESNET_TARGET = 0.02
+# Dynamic sparse training (ERK per-layer densities, --update-every 100, --drop-fraction 0.3, --update-until 0.75:
+# the defaults) on LeNet-5-Caffe at the LeNet densities, and IP-RigL against RigL on resnet20.
+DYNAMIC_METHODS = {"rigl": {"method": "rigl"}, "rigl-freeze": {"method": "rigl", "mode": "freeze"},
+                   "set": {"method": "set"}, "set-freeze": {"method": "set", "mode": "freeze"}}
+DYNAMIC_RESNET_METHODS = {"rigl": {"method": "rigl"}, "rigl+ip": {"method": "rigl", "interspace": True}}
 FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 10, "resnet_subset": 5000}
 QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
 RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
@@ -131,6 +140,17 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
             for label, options in LOTTERY_RESNET_METHODS.items():
                 runs.append(Run("lottery", "resnet20", label, lottery_resnet_target, seed,
                                 {**resnet_common, **options, "density": lottery_resnet_target}))
+    if "dynamic" in parts:
+        for seed in range(seeds):
+            for label, options in DYNAMIC_METHODS.items():
+                for density in lenet_densities:
+                    runs.append(Run("dynamic", "lenet5", label, density, seed,
+                                    {**lenet_common, **options, "density": density}))
+        for seed in range(seeds):
+            for label, options in DYNAMIC_RESNET_METHODS.items():
+                for density in resnet_densities:
+                    runs.append(Run("dynamic", "resnet20", label, density, seed,
+                                    {**resnet_common, **options, "density": density}))
     if "resnet" in parts:
         for seed in range(seeds):
             runs.append(Run("resnet", "resnet20", "dense", 1.0, seed, {**resnet_common, "method": "dense"}))
@@ -500,7 +520,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="run directories [runs/reproduce or runs/reproduce-quick]")
     parser.add_argument("--results", default=None,
                         help="record, tables and plots [docs/benchmarks/full or runs/reproduce-quick]")
-    parser.add_argument("--part", choices=["lenet", "lottery", "resnet", "all"], default="all")
+    parser.add_argument("--part", choices=["lenet", "lottery", "dynamic", "resnet", "all"], default="all")
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of the part's models, e.g. lenet300 (run the sweep in pieces)")
     parser.add_argument("--methods", default=None,
@@ -534,7 +554,7 @@ def main(argv=None) -> None:
     settings = QUICK if args.quick else FULL
     root = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
     results = Path(args.results or ("runs/reproduce-quick" if args.quick else "docs/benchmarks/full"))
-    parts = ["lenet", "lottery", "resnet"] if args.part == "all" else [args.part]
+    parts = ["lenet", "lottery", "dynamic", "resnet"] if args.part == "all" else [args.part]
     runs = plan_runs(parts, args.seeds or settings["seeds"], settings["lenet_epochs"], settings["lenet_subset"],
                      settings["resnet_epochs"], settings["resnet_subset"],
                      lenet_densities=[0.05, 0.0064] if args.quick else LENET_DENSITIES,
