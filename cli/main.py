@@ -10,9 +10,9 @@ import click
 
 from compress.config import CONFIG_DEFAULTS, ON_COLLAPSE
 from compress.data import DATASETS
-from compress.interspace import BASES
+from formats.interspace import BASES
 from compress.methods import METHODS
-from compress.models import MODELS
+from formats.models import MODELS
 from compress.scores import SCORES
 from compress.allocation import ALLOCATIONS
 from compress.selection import MODES, SCOPES

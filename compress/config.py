@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.allocation import scope_of_allocation
-from compress.interspace import BASES
+from formats.interspace import BASES
 from compress.methods import METHODS
-from compress.rng import check_seed
+from formats.rng import check_seed
 from compress.scores import SCORES
 from compress.selection import MODES, SCOPES, SELECTORS, check_density
 from compress.training import TrainSettings

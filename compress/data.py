@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.registry import Registry
+from formats.registry import Registry
 
 __all__ = [
     "Split",

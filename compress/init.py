@@ -5,7 +5,7 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for biases), so models tr
 with torch's own init, but the values are a pure function of (seed, parameter name) and can be
 regenerated bit-exactly anywhere: the packed artifact stores only the seed and each rule's bound.
 Normalisation layers start at weight 1, bias 0. Interspace coefficients are drawn from the stream of
-their layer's ``weight`` name (see ``compress.interspace``); their basis keeps its constructed value.
+their layer's ``weight`` name (see ``formats.interspace``); their basis keeps its constructed value.
 Parameters of any other module keep their constructor's init; they are never compressible and are
 always stored as values.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.rng import check_seed, uniform
+from formats.rng import check_seed, uniform
 
 WEIGHTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -46,7 +46,7 @@ def _fan_in(weight: torch.Tensor) -> int:
 
 def init_rules(model: nn.Module) -> dict[str, InitRule]:
     """The rule of every conv/linear weight and bias of ``model``, keyed by parameter name."""
-    from compress.interspace import InterspaceConv2d
+    from formats.interspace import InterspaceConv2d
 
     rules: dict[str, InitRule] = {}
     for module_name, module in model.named_modules():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.registry import Registry
+from formats.registry import Registry
 
 
 @dataclass(frozen=True)

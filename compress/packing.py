@@ -10,9 +10,9 @@ import safetensors.torch
 import torch
 
 from compress.init import init_rules
-from compress.interspace import to_interspace, to_standard_state_dict
-from compress.models import build_model
-from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
+from formats.interspace import to_interspace, to_standard_state_dict
+from formats.models import build_model
+from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
 from compress.run.rundir import read_json_object, read_tensor_file
 from formats.artifact import VALUE_DTYPES, write_artifact
 from formats.atomic import check_output_file, write_atomic

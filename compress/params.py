@@ -9,7 +9,7 @@ from compress.init import WEIGHTED_LAYERS
 
 def compressible_parameters(model: nn.Module, include_bias: bool = False) -> list[str]:
     """Names of the conv/linear weights (and biases if asked) of ``model``, in registration order."""
-    from compress.interspace import InterspaceConv2d
+    from formats.interspace import InterspaceConv2d
 
     names = []
     for module_name, module in model.named_modules():

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from compress.allocation import SCOPES, layer_counts
-from compress.registry import Registry
+from formats.registry import Registry
 
 MODES = ("prune", "freeze")
 

@@ -23,7 +23,10 @@ from formats.errors import FormatError, UserError
 from formats.mask_codec import MaskCodecError, check_mask_code, decode_mask, encode_mask, mask_information_bits
 
 FORMAT_NAME = "compress-artifact"
-FORMAT_VERSION = 2  # 2 adds interspace layers; files without them are still written as version 1
+FORMAT_VERSION = 3  # 2 adds interspace layers, 3 custom architectures; a file is written as the lowest that holds it
+CUSTOM = "custom"  # the model name of an architecture outside formats.models: the user's class, rebuilt by the user
+MAX_STATE_ENTRIES = 100_000  # most tensors a custom architecture lists
+MAX_NDIM = 8
 SCHEMA_KEY = "compress"
 MODES = ("dense", "prune", "freeze")
 VALUE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -122,7 +125,7 @@ def write_artifact(
         raise ValueError(f"masks for tensors that are not in the state dict: {unknown}")
     schema = {
         "format": FORMAT_NAME,
-        "version": 2 if "interspace" in architecture else 1,
+        "version": 3 if architecture.get("model") == CUSTOM else 2 if "interspace" in architecture else 1,
         "architecture": architecture,
         "seed": seed,
         "generator": generator,
@@ -137,15 +140,15 @@ def write_artifact(
 
 
 def _sha256(tensor: torch.Tensor) -> str:
-    """SHA-256 of a float32 tensor's little-endian bytes in C order, as ``compress.rng.tensor_sha256``
+    """SHA-256 of a float32 tensor's little-endian bytes in C order, as ``formats.rng.tensor_sha256``
     computes it, but hashed in place (no copy of the tensor)."""
     return hashlib.sha256(np.ascontiguousarray(tensor.numpy(), dtype="<f4")).hexdigest()
 
 
 def initial_values(rule: dict, seed: int, name: str, count: int) -> np.ndarray:
-    """The ``count`` frozen initial values of a uniform rule, flat float32, as ``compress.rng.uniform`` draws
+    """The ``count`` frozen initial values of a uniform rule, flat float32, as ``formats.rng.uniform`` draws
     them (4 bytes per entry at peak; the SHA-256 of every rebuilt tensor checks the result)."""
-    from compress.rng import uniform_flat
+    from formats.rng import uniform_flat
 
     return uniform_flat(seed, rule.get("stream") or name, count, rule["bound"])
 
@@ -196,6 +199,12 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
     _require(schema["values"] in VALUE_DTYPES.values(), f"unknown values dtype {schema['values']!r}")
     architecture = schema["architecture"]
     _require(isinstance(architecture.get("model"), str), "architecture has no model name")
+    if architecture["model"] == CUSTOM:
+        _require(version >= 3, "a custom architecture needs format version 3")
+        _check_custom_architecture(architecture, schema["tensors"])
+        _check_manifest(schema["manifest"], None)
+        _check_tensor_entries(schema, tensors)
+        return
     shape = architecture.get("input_shape")
     _require(isinstance(shape, list) and len(shape) == 3 and all(_is_int(s, 1, MAX_INPUT_DIM) for s in shape),
              f"architecture input_shape {shape!r} is not three integers in [1, {MAX_INPUT_DIM}]")
@@ -213,6 +222,53 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
                  and len(set(spec["layers"])) == len(spec["layers"]),
                  "architecture interspace must be {\"layers\": [distinct layer names]}")
     _check_manifest(schema["manifest"], shape[0])
+    _check_tensor_entries(schema, tensors)
+
+
+def _check_custom_architecture(architecture: dict, entries) -> None:
+    """``{"model": "custom", "class": name, "state": [[tensor name, shape, dtype], ...]}``: the user's model,
+    described by every tensor of its state dict, in order (SPEC.md)."""
+    _require(set(architecture) == {"model", "class", "state"},
+             "a custom architecture must have exactly the fields class, model and state")
+    _require(isinstance(architecture["class"], str) and 0 < len(architecture["class"]) <= 200,
+             "custom architecture class must be a name of 1 to 200 characters")
+    state = architecture["state"]
+    _require(isinstance(state, list) and 0 < len(state) <= MAX_STATE_ENTRIES,
+             f"custom architecture state must list 1 to {MAX_STATE_ENTRIES:,} tensors")
+    names = []
+    for item in state:
+        _require(isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                 and isinstance(item[1], list) and len(item[1]) <= MAX_NDIM
+                 and all(_is_int(d, 0, 2**40) for d in item[1]) and item[2] in TORCH_DTYPES,
+                 f"custom architecture state entry {str(item)[:80]} is not [name, shape (at most {MAX_NDIM} "
+                 f"dims), dtype of {sorted(TORCH_DTYPES)}]")
+        names.append(item[0])
+    _require(len(set(names)) == len(names), "custom architecture state lists a tensor twice")
+    _require(sum(math.prod(item[1]) for item in state) <= MAX_DENSE_FP32_BYTES // 4,
+             "custom architecture state declares more elements than any artifact holds")
+    listed = [entry.get("name") if isinstance(entry, dict) else None for entry in entries]
+    _require(sorted(names) == sorted(str(n) for n in listed),
+             "custom architecture state and the schema's tensors name different tensors")
+
+
+def custom_reference(architecture: dict) -> dict[str, torch.Tensor]:
+    """The state dict a custom architecture describes, on the meta device (shapes and dtypes only)."""
+    return {name: torch.empty(shape, dtype=TORCH_DTYPES[dtype], device="meta")
+            for name, shape, dtype in architecture["state"]}
+
+
+def custom_architecture(class_name: str, state: dict[str, torch.Tensor]) -> dict:
+    """The architecture entry of a model outside ``formats.models``: its class name and every tensor of its state
+    dict (name, shape, dtype); the loader is handed a fresh instance (``formats.load(path, model=...)``)."""
+    unknown = sorted(name for name, t in state.items() if t.dtype not in DTYPE_NAMES)
+    if unknown:
+        raise UserError(f"cannot store {', '.join(unknown[:3])}: dtype {state[unknown[0]].dtype} is not one of "
+                        f"{', '.join(sorted(str(d).removeprefix('torch.') for d in DTYPE_NAMES))}")
+    return {"model": CUSTOM, "class": class_name[:200] or "Module",
+            "state": [[name, list(t.shape), DTYPE_NAMES[t.dtype]] for name, t in state.items()]}
+
+
+def _check_tensor_entries(schema: dict, tensors: dict[str, StoredTensor]) -> None:
     expected_keys = set()
     names = set()
     for entry in schema["tensors"]:
@@ -261,14 +317,14 @@ def _is_number(value, low: float, high: float) -> bool:
     return type(value) in (int, float) and low <= value <= high  # parse_json keeps floats finite
 
 
-def _check_manifest(manifest: dict, channels: int) -> None:
+def _check_manifest(manifest: dict, channels: int | None) -> None:
     """The manifest is free-form, except the fields that readers use: ``test_acc`` (shown by ``info``)
     and ``normalization`` (written into ONNX exports), checked so that no reader meets a bad value."""
     accuracy = manifest.get("test_acc")
     _require(accuracy is None or _is_number(accuracy, 0, 1),
              f"manifest test_acc must be null or a number in [0, 1], got {str(accuracy)[:40]}")
     norm = manifest.get("normalization", {})
-    _require(norm == {} or (isinstance(norm, dict) and set(norm) == {"mean", "std"}
+    _require(norm == {} or (channels is not None and isinstance(norm, dict) and set(norm) == {"mean", "std"}
                             and all(isinstance(norm[key], list) and len(norm[key]) == channels for key in norm)
                             and all(_is_number(v, -math.inf, math.inf) for v in norm["mean"])
                             and all(_is_number(v, 0, math.inf) and v > 0 for v in norm["std"])),
@@ -308,6 +364,25 @@ def read_artifact(path: str | Path) -> Artifact:
         raise FormatError(f"cannot read {path}: {error.strerror or error}") from None
 
 
+def skeleton_differences(artifact: Artifact, model: torch.nn.Module) -> list[str]:
+    """How the state dict of ``model`` (a user-built skeleton) differs from the tensors the artifact describes:
+    names missing or unexpected, and shapes or dtypes that differ (empty: it fits)."""
+    architecture = artifact.schema["architecture"]
+    if "interspace" in architecture:
+        raise UserError("an interspace artifact rebuilds its own model: call formats.load(path) without model=")
+    expected = (custom_reference(architecture) if architecture["model"] == CUSTOM
+                else build_architecture(architecture, device="meta", factored=True).state_dict())
+    actual = model.state_dict()
+    problems = [f"missing in the model: {name}" for name in expected if name not in actual]
+    problems += [f"not in the artifact: {name}" for name in actual if name not in expected]
+    for name, target in expected.items():
+        if name in actual and (tuple(actual[name].shape) != tuple(target.shape) or actual[name].dtype != target.dtype):
+            problems.append(f"{name}: the model has {str(actual[name].dtype).removeprefix('torch.')} "
+                            f"{list(actual[name].shape)}, the artifact {str(target.dtype).removeprefix('torch.')} "
+                            f"{list(target.shape)}")
+    return problems
+
+
 def build_architecture(architecture: dict, device: str | None = None, factored: bool = False) -> torch.nn.Module:
     """The untrained model an artifact describes; a name this library does not know is a FormatError.
 
@@ -315,9 +390,13 @@ def build_architecture(architecture: dict, device: str | None = None, factored: 
     assigning the rebuilt tensors. ``factored`` builds interspace layers as coefficients and bases
     (the stored form); otherwise the plain convolutional model that loaders return.
     """
-    from compress.interspace import to_interspace
-    from compress.models import build_model
+    from formats.interspace import to_interspace
+    from formats.models import build_model
 
+    if architecture["model"] == CUSTOM:
+        raise UserError(f"this artifact holds a custom model (class {architecture['class']!r}) that only your code can "
+                        f"build: load it in Python with formats.load(path, model={architecture['class']}(...)), a "
+                        "fresh instance (compress eval and export build models of formats.models only)")
     try:
         model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"],
                             device=device)
@@ -384,8 +463,12 @@ def rebuild_state_dict(
     """
     _check_max_elements(max_elements)
     schema = artifact.schema
-    model = build_architecture(schema["architecture"], device="meta", factored=True) if model is None else model
-    reference = model.state_dict()
+    if model is not None:
+        reference = model.state_dict()
+    elif schema["architecture"]["model"] == CUSTOM:
+        reference = custom_reference(schema["architecture"])
+    else:
+        reference = build_architecture(schema["architecture"], device="meta", factored=True).state_dict()
     elements = sum(t.numel() for t in reference.values())
     _require(elements <= max_elements, f"the architecture has {elements:,} elements, above the loader's limit of "
              f"{max_elements:,} ({4 * max_elements / 2**30:.3g} GiB of float32); if you trust this file, pass a "

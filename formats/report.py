@@ -66,7 +66,7 @@ def format_info(info: dict) -> str:
     saved = _ratio(t["file_bytes"], t["dense_fp32_bytes"])
     lines += [
         "",
-        f"model {schema['architecture']['model']} {schema['architecture']['input_shape']}, mode {schema['mode']}, "
+        f"model {_architecture(schema['architecture'])}, mode {schema['mode']}, "
         f"method {manifest.get('method')}, seed {schema['seed']}, values {schema['values']}"
         + (f", test acc {accuracy:.2%}" if _finite(accuracy) else ""),
         f"masked weights : {_number(t['masked_trained'], ',')} of {_number(t['masked_total'], ',')} trained "
@@ -97,3 +97,10 @@ def info_text(path, as_json: bool = False) -> str:
 
     info = read_info(path)
     return json.dumps(info, indent=2, sort_keys=True) if as_json else format_info(info)
+
+
+def _architecture(architecture: dict) -> str:
+    """``lenet5 [1, 28, 28]``, or ``custom MyNet (load with model=...)`` for a model of the user's own."""
+    if architecture["model"] == "custom":
+        return f"custom {architecture['class']} (formats.load(path, model={architecture['class']}(...)))"
+    return f"{architecture['model']} {architecture['input_shape']}"

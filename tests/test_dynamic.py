@@ -16,7 +16,7 @@ from cli.main import main
 from compress.allocation import erk_densities, layer_counts
 from compress.config import config_from_dict
 from compress.init import initial_values
-from compress.models import build_model
+from formats.models import build_model
 from compress.params import compressible_parameters
 from compress.run.pipeline import prepare
 from compress.selection import Plan

@@ -9,7 +9,7 @@ from torch import nn
 import formats
 from cli.main import main
 from compress.init import initial_values, initialise
-from compress.interspace import (
+from formats.interspace import (
     InterspaceConv2d,
     dct_basis,
     interspace_weight,
@@ -17,7 +17,7 @@ from compress.interspace import (
     to_interspace,
     to_standard_state_dict,
 )
-from compress.models import build_model
+from formats.models import build_model
 from compress.scores import SCORES, score
 from compress.selection import select
 from compress.training import MaskConstraint, TrainSettings, train

@@ -1,11 +1,11 @@
-"""Tests for compress.models: parameter counts, output shapes, names, torchvision adaptation and errors."""
+"""Tests for formats.models: parameter counts, output shapes, names, torchvision adaptation and errors."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from compress.models import MODELS, _adapt_input_channels, build_model, model_names
+from formats.models import MODELS, _adapt_input_channels, build_model, model_names
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)

@@ -15,8 +15,8 @@ import formats
 import formats.onnx_export
 from cli.main import main
 from compress.init import init_rules, initial_values, initialise
-from compress.models import MODELS, build_model
-from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
+from formats.models import MODELS, build_model
+from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
 from compress.scores import score
 from compress.selection import select
 from formats.artifact import write_artifact

@@ -167,8 +167,8 @@ def _trained_batchnorm_artifact(path):
     import safetensors.torch
 
     from compress.init import initialise
-    from compress.models import build_model
-    from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
+    from formats.models import build_model
+    from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
     from formats.artifact import write_artifact
 
     model = initialise(build_model("resnet20", (3, 8, 8), 10), 0)

@@ -12,7 +12,7 @@ import formats.artifact
 import formats.container
 from formats.errors import OutputError
 from compress.data import load_data
-from compress.models import build_model
+from formats.models import build_model
 from compress.packing import pack_run
 from compress.training import evaluate
 from cli_helpers import run_cli

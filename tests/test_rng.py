@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compress.init import init_rules, initial_values, initialise
-from compress.models import build_model
-from compress.rng import check_seed, philox4x32_10, random_uint32, stream_key, tensor_sha256, uniform
+from formats.models import build_model
+from formats.rng import check_seed, philox4x32_10, random_uint32, stream_key, tensor_sha256, uniform
 
 # Random123's published known-answer vectors for Philox4x32-10 (tests/kat_vectors).
 KNOWN_ANSWERS = [

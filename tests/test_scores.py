@@ -9,8 +9,8 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.init import initialise
-from compress.models import build_model
-from compress.rng import uniform
+from formats.models import build_model
+from formats.rng import uniform
 from compress.scores import SCORES, ScoreContext, score
 from compress.scores.grasp import TEMPERATURE, hessian_gradient_product
 from compress.selection import select

@@ -18,7 +18,7 @@ import compress.training
 import formats
 from cli.main import main
 from compress.init import initial_values, initialise
-from compress.models import build_model
+from formats.models import build_model
 from compress.strategies import LevelContext
 from compress.strategies.imp import ImpOptions, IterativeMagnitudePruning
 from formats.errors import UserError

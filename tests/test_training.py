@@ -7,7 +7,7 @@ import torch
 
 from compress.data import load_data
 from compress.init import initial_values, initialise
-from compress.models import build_model
+from formats.models import build_model
 from compress.scores import score
 from compress.selection import select
 from compress.training import MaskConstraint, TrainSettings, train

@@ -393,8 +393,8 @@ def write_valid_big_artifact(path: Path) -> int:
     """A valid LeNet-300-100 on 1 x 160 x 160 inputs, frozen at 5% density; returns its entry count N."""
     import compress
     from compress.init import init_rules
-    from compress.models import build_model
-    from compress.rng import GENERATOR_NAME, GENERATOR_VERSION
+    from formats.models import build_model
+    from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
     from formats.artifact import write_artifact
 
     shape = (1, 160, 160)
@@ -692,7 +692,7 @@ def test_a_missing_artifact_is_a_user_error_naming_the_path(tmp_path):
 @pytest.mark.parametrize("count", [0, 1, 5, 2**20 + 3])
 def test_frozen_values_regenerated_in_place_match_compress_rng(count):
     """The loader regenerates frozen weights in place (4 bytes per entry, not uniform's 12): same bits."""
-    from compress.rng import uniform
+    from formats.rng import uniform
     from formats.artifact import initial_values
 
     for rule, stream in (({"kind": "uniform", "bound": 0.123456789}, "fc1.weight"),

@@ -10,8 +10,8 @@ import torch
 from compress.config import RunConfig
 from compress.data import Data, load_data
 from compress.init import initialise
-from compress.interspace import to_interspace
-from compress.models import build_model
+from formats.interspace import to_interspace
+from formats.models import build_model
 from compress.params import compressible_parameters
 from compress.scores import score as compute_scores
 from compress.selection import Plan, select_with

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compress.params import compressible_parameters
-from compress.registry import Registry
+from formats.registry import Registry
 from compress.selection import SCOPES, check_choice
 from compress.training import derived_seed
 

@@ -1,7 +1,7 @@
 """Random score: uniform noise from the portable generator (the sanity baseline)."""
 from __future__ import annotations
 
-from compress.rng import uniform
+from formats.rng import uniform
 from compress.scores import SCORES
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from compress.registry import Registry
+from formats.registry import Registry
 from compress.selection import Plan
 from formats.errors import UserError
 

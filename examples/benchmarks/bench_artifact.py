@@ -25,7 +25,7 @@ import formats
 from cli.main import main as cli_main
 from compress.init import initialise
 from compress.packing import pack_run
-from compress.models import build_model
+from formats.models import build_model
 from compress.scores import score
 from compress.selection import select
 from formats.mask_codec import encode_mask, mask_information_bits

@@ -17,8 +17,8 @@ import time
 import torch
 
 from compress.init import initialise
-from compress.interspace import to_interspace
-from compress.models import build_model
+from formats.interspace import to_interspace
+from formats.models import build_model
 from compress.scores import score
 from compress.selection import select
 from compress.training import MaskConstraint, TrainSettings, make_optimizer, training_step

@@ -21,8 +21,8 @@ import torch
 import compress.training as training
 from compress.data import load_data
 from compress.init import initial_values, initialise
-from compress.interspace import to_interspace
-from compress.models import build_model
+from formats.interspace import to_interspace
+from formats.models import build_model
 from compress.scores import score
 from compress.selection import select
 

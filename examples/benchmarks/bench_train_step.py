@@ -65,7 +65,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils import prune as torch_prune  # noqa: E402
 
 from compress.init import initial_values, initialise  # noqa: E402
-from compress.models import build_model  # noqa: E402
+from formats.models import build_model  # noqa: E402
 from compress.scores import SCORES, score  # noqa: E402
 from compress.selection import Plan, select  # noqa: E402
 from compress.training import MaskConstraint, TrainSettings, make_optimizer, training_step  # noqa: E402

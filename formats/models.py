@@ -1,7 +1,7 @@
 """Model builders: the papers' reference networks by name, and any torchvision classifier as ``tv:<name>``."""
 from __future__ import annotations
 
-from compress.errors import UserError, UserTypeError
+from formats.errors import UserError, UserTypeError
 import contextlib
 from collections.abc import Sequence
 from typing import Callable
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.registry import Registry
+from formats.registry import Registry
 
 Builder = Callable[[tuple[int, int, int], int], nn.Module]
 

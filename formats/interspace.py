@@ -11,7 +11,7 @@ basis they are exactly the usual initial filters.
 """
 from __future__ import annotations
 
-from compress.errors import UserError
+from formats.errors import UserError
 import math
 
 import torch

@@ -14,7 +14,7 @@ Philox block function (Random123's vectors) and golden hashes pin the whole stre
 """
 from __future__ import annotations
 
-from compress.errors import UserError, UserTypeError
+from formats.errors import UserError, UserTypeError
 import hashlib
 import math
 

@@ -1,7 +1,7 @@
 """A name -> object registry whose unknown-name error lists the known names."""
 from __future__ import annotations
 
-from compress.errors import UserError
+from formats.errors import UserError
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
