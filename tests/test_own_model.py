@@ -263,8 +263,13 @@ def test_a_custom_artifact_with_a_normalization_is_a_format_error(custom_bytes, 
 # layering
 
 
-def test_formats_loads_an_artifact_without_torchvision_click_onnx_or_the_training_stack(packed, tmp_path):
-    path = packed("prune")
+def test_formats_loads_a_lenet5_artifact_without_torchvision_click_onnx_or_the_training_stack(tmp_path):
+    from cli.main import main
+
+    run, path = tmp_path / "run", tmp_path / "lenet5.cpk"
+    assert main(["train", "--model", "lenet5", "--data", "synthetic", "--subset", "128", "--epochs", "1", "--quiet",
+                 "--method", "freezenet", "--density", "0.05", "--out", str(run)]) == 0
+    assert main(["pack", str(run), "-o", str(path)]) == 0
     script = textwrap.dedent(f"""
         import sys
 
