@@ -190,11 +190,15 @@ def plan(config_file, as_json, **options):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Artifact file to write (e.g. runs/a.cpk).")
-@click.option("--values", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
-              help="Precision of the stored trained values and dense tensors; fp32 rebuilds the run bit-exactly.")
+@click.option("--values", type=click.Choice(["fp16", "bf16", "fp32", "int8"]), default="fp16", show_default=True,
+              help="Precision of the stored trained values and dense tensors; fp32 rebuilds the run bit-exactly; "
+                   "int8 stores the trained values as 8-bit integers with one float32 scale per tensor (lossy, the "
+                   "dense tensors in fp16): check its cost with --eval.")
+@click.option("--eval", "evaluate", is_flag=True, help="Evaluate the packed model against the run's own on the run's "
+              "test set and record both accuracies in the artifact (compress info shows them).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (without it, an existing file is never touched).")
 @click.option("--level", type=int, help="For a run of levels (--method imp): the level to pack [default: the last].")
-def pack(run_dir, output, values, force, level):
+def pack(run_dir, output, values, force, level, evaluate):
     """Pack a finished run into one small artifact: trained values, coded masks, the seed.
 
     Frozen weights are not stored: they are regenerated from the 32-bit seed at load time and
@@ -203,7 +207,7 @@ def pack(run_dir, output, values, force, level):
     """
     from compress.packing import pack_and_report
 
-    click.echo(pack_and_report(run_dir, output, values, force, level))
+    click.echo(pack_and_report(run_dir, output, values, force, level, evaluate))
 
 
 @cli.command()

@@ -72,11 +72,12 @@ def trained_directory(run_dir: Path, level: int | None) -> Path:
 
 
 def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False,
-             level: int | None = None) -> dict:
+             level: int | None = None, evaluate: bool = False) -> dict:
     """Write the artifact of the finished run in ``run_dir`` to ``out`` (atomically); returns its report.
 
     For a run of levels (IMP) the last level is packed, or ``level``. An existing ``out`` is replaced only
-    with ``force``."""
+    with ``force``. ``evaluate`` measures the test accuracy of the packed model against the run's own
+    (unpacked) model on the run's data and records both in the manifest (``eval``): the cost of lossy values."""
     import compress
     import formats
 
@@ -131,21 +132,49 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
     }
     plain = to_standard_state_dict(state, interspace["layers"]) if interspace else state
     dense_bytes = len(safetensors.torch.save({k: v.float() if v.is_floating_point() else v for k, v in plain.items()}))
-    data = write_artifact(
-        state, masks, mode=mode, seed=config["seed"], architecture=architecture, init_rules=rules,
-        manifest=manifest, values=values, dense_fp32_bytes=dense_bytes,
-        generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION},
-    )
+    def encode() -> bytes:
+        return write_artifact(
+            state, masks, mode=mode, seed=config["seed"], architecture=architecture, init_rules=rules,
+            manifest=manifest, values=values, dense_fp32_bytes=dense_bytes,
+            generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION},
+        )
+
+    data = encode()
+    if evaluate:
+        manifest["eval"] = packed_against_unpacked(config, model, state, data)
+        data = encode()
     write_atomic(out, data, overwrite=force)
     return formats.read_info(out)
 
 
+def packed_against_unpacked(config: dict, model: torch.nn.Module, state: dict, data: bytes) -> dict:
+    """Test accuracy of the run's model and of the packed artifact ``data`` on the run's data set."""
+    from compress.config import config_from_dict
+    from compress.run.pipeline import load_run_data
+    from compress.training import evaluate
+    from formats.artifact import build_architecture, parse_artifact, rebuild_state_dict
+
+    run_config = config_from_dict({k: v for k, v in config.items() if k != "device"}).resolved()
+    loaded = load_run_data(run_config)
+    cpu = torch.device("cpu")
+    model.load_state_dict(state)
+    unpacked = evaluate(model, loaded.test, 256, cpu)["acc"]
+    artifact = parse_artifact(data)
+    rebuilt = rebuild_state_dict(artifact)
+    layers = artifact.schema["architecture"].get("interspace", {}).get("layers", [])
+    packed_model = build_architecture(artifact.schema["architecture"])
+    packed_model.load_state_dict(to_standard_state_dict(rebuilt, layers) if layers else rebuilt)
+    packed = evaluate(packed_model, loaded.test, 256, cpu)["acc"]
+    return {"data": run_config.data, "samples": len(loaded.test), "test_acc_unpacked": unpacked,
+            "test_acc_packed": packed}
+
+
 def pack_and_report(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False,
-                    level: int | None = None) -> str:
+                    level: int | None = None, evaluate: bool = False) -> str:
     """What ``compress pack`` does: pack, then the storage report as text."""
     from formats.report import format_info
 
-    info = pack_run(run_dir, out, values, force, level)
+    info = pack_run(run_dir, out, values, force, level, evaluate)
     return f"wrote {out}\n" + format_info(info)
 
 

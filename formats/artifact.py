@@ -23,14 +23,15 @@ from formats.errors import FormatError, UserError
 from formats.mask_codec import MaskCodecError, check_mask_code, decode_mask, encode_mask, mask_information_bits
 
 FORMAT_NAME = "compress-artifact"
-FORMAT_VERSION = 3  # 2 adds interspace layers, 3 custom architectures; a file is written as the lowest that holds it
+FORMAT_VERSION = 4  # 2 interspace layers, 3 custom architectures, 4 quantised values; written as the lowest that holds it
 CUSTOM = "custom"  # the model name of an architecture outside formats.models: the user's class, rebuilt by the user
 MAX_STATE_ENTRIES = 100_000  # most tensors a custom architecture lists
 MAX_NDIM = 8
 SCHEMA_KEY = "compress"
 MODES = ("dense", "prune", "freeze")
-VALUE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
-TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+VALUE_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "int8": "F16"}  # int8: quantised trained values, fp16 dense
+QUANTIZED = {"int8": "I8"}  # lossy trained values: symmetric, one float32 scale per tensor (SPEC.md)
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "I8": torch.int8,
                 "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KNOWN_GENERATORS = {("philox4x32-10", 1)}
@@ -96,6 +97,7 @@ def write_artifact(
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     value_dtype = VALUE_DTYPES[values]
+    quantized = QUANTIZED.get(values)
     stored: dict[str, StoredTensor] = {}
     entries = []
     for name, tensor in state_dict.items():
@@ -104,11 +106,14 @@ def write_artifact(
             mask = masks[name].detach().cpu().bool().reshape(-1)
             if mask.numel() != tensor.numel():
                 raise ValueError(f"mask of {name} has {mask.numel()} entries, the tensor {tensor.numel()}")
-            trained = tensor.reshape(-1)[mask].to(TORCH_DTYPES[value_dtype])
-            stored[f"v:{name}"] = StoredTensor(value_dtype, (int(mask.sum()),), tensor_bytes(trained))
+            entry = {"name": name, "kind": "masked", "n": int(mask.numel()), "k": int(mask.sum())}
+            if quantized:
+                trained, entry["scale"] = quantize(tensor.reshape(-1)[mask])
+            else:
+                trained = tensor.reshape(-1)[mask].to(TORCH_DTYPES[value_dtype])
+            stored[f"v:{name}"] = StoredTensor(quantized or value_dtype, (int(mask.sum()),), tensor_bytes(trained))
             code = encode_mask(mask.numpy()) if 0 < int(mask.sum()) < mask.numel() else b""
             stored[f"m:{name}"] = StoredTensor("U8", (len(code),), code)
-            entry = {"name": name, "kind": "masked", "n": int(mask.numel()), "k": int(mask.sum())}
             if mode == "freeze":
                 entry["init"] = init_rules[name]
             rebuilt = rebuild_masked(entry, mask, trained, mode, seed, tuple(tensor.shape))
@@ -125,12 +130,14 @@ def write_artifact(
         raise ValueError(f"masks for tensors that are not in the state dict: {unknown}")
     schema = {
         "format": FORMAT_NAME,
-        "version": 3 if architecture.get("model") == CUSTOM else 2 if "interspace" in architecture else 1,
+        "version": (4 if quantized else 3 if architecture.get("model") == CUSTOM else 2 if "interspace" in architecture
+                    else 1),
         "architecture": architecture,
         "seed": seed,
         "generator": generator,
         "mode": mode,
         "values": value_dtype,
+        **({"quantized": quantized} if quantized else {}),
         "tensors": entries,
         "dense_fp32_bytes": dense_fp32_bytes,
         "manifest": manifest,
@@ -143,6 +150,23 @@ def _sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a float32 tensor's little-endian bytes in C order, as ``formats.rng.tensor_sha256``
     computes it, but hashed in place (no copy of the tensor)."""
     return hashlib.sha256(np.ascontiguousarray(tensor.numpy(), dtype="<f4")).hexdigest()
+
+
+def quantize(values: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Symmetric int8 of ``values``: q = round(v / s) in [-127, 127] with s = max|v| / 127 as a float32 (1 when
+    every value is 0); the stored scale is that float32, so dequantising (q x s in float32) is exact."""
+    values = values.to(torch.float32)
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    scale = torch.tensor(peak / 127 if peak > 0 else 1.0, dtype=torch.float32)
+    quantised = torch.clamp(torch.round(values / scale), -127, 127).to(torch.int8)
+    return quantised, float(scale)
+
+
+def dequantize(values: torch.Tensor, entry: dict) -> torch.Tensor:
+    """Trained values as float32: int8 ones times their tensor's float32 scale, others converted."""
+    if values.dtype == torch.int8:
+        return values.to(torch.float32) * torch.tensor(entry["scale"], dtype=torch.float32)
+    return values.to(torch.float32)
 
 
 def initial_values(rule: dict, seed: int, name: str, count: int) -> np.ndarray:
@@ -158,7 +182,7 @@ def rebuild_masked(entry: dict, mask, values: torch.Tensor, mode: str, seed: int
     init (freeze) elsewhere. Costs the 4-byte-per-entry result, plus the values."""
     count = math.prod(shape)
     base = initial_values(entry["init"], seed, entry["name"], count) if mode == "freeze" else np.zeros(count, np.float32)
-    base[np.asarray(mask).reshape(-1)] = values.to(torch.float32).numpy()
+    base[np.asarray(mask).reshape(-1)] = dequantize(values, entry).numpy()
     return torch.from_numpy(base.reshape(shape))
 
 
@@ -197,6 +221,9 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
              f"dense_fp32_bytes must be in [1, 2**50], got {schema['dense_fp32_bytes']}")
     _require(schema["mode"] in MODES, f"unknown mode {schema['mode']!r}")
     _require(schema["values"] in VALUE_DTYPES.values(), f"unknown values dtype {schema['values']!r}")
+    if "quantized" in schema:
+        _require(version >= 4, "quantised values need format version 4")
+        _require(schema["quantized"] in QUANTIZED.values(), f"unknown quantised values dtype {schema['quantized']!r}")
     architecture = schema["architecture"]
     _require(isinstance(architecture.get("model"), str), "architecture has no model name")
     if architecture["model"] == CUSTOM:
@@ -286,7 +313,8 @@ def _check_tensor_entries(schema: dict, tensors: dict[str, StoredTensor]) -> Non
             expected_keys.add(f"d:{name}")
         elif entry.get("kind") == "masked":
             _require(schema["mode"] != "dense", f"tensor {name!r} is masked but the mode is dense")
-            allowed = {"name", "kind", "n", "k", "sha256"} | ({"init"} if schema["mode"] == "freeze" else set())
+            allowed = ({"name", "kind", "n", "k", "sha256"} | ({"init"} if schema["mode"] == "freeze" else set())
+                       | ({"scale"} if "quantized" in schema else set()))
             _require(set(entry) == allowed, f"masked tensor {name!r} must have exactly the fields {sorted(allowed)}")
             _require(_is_int(entry["n"], 0, 2**40), f"masked tensor {name!r}: invalid n {entry['n']!r}")
             _require(_is_int(entry["k"], 0, entry["n"]), f"masked tensor {name!r}: k {entry['k']!r} not in [0, n]")
@@ -299,12 +327,18 @@ def _check_tensor_entries(schema: dict, tensors: dict[str, StoredTensor]) -> Non
                          and rule["kind"] == "uniform" and isinstance(rule.get("stream", ""), str)
                          and type(rule["bound"]) is float and math.isfinite(rule["bound"]) and rule["bound"] >= 0,
                          f"masked tensor {name!r}: invalid init rule {rule!r}")
+            if "quantized" in schema:
+                scale = entry["scale"]
+                _require(type(scale) is float and math.isfinite(scale) and scale > 0
+                         and float(np.float32(scale)) == scale,
+                         f"masked tensor {name!r}: scale {str(scale)[:40]} is not a positive float32")
             values = tensors.get(f"v:{name}")
             code = tensors.get(f"m:{name}")
             _require(values is not None and code is not None, f"masked tensor {name!r} lacks its values or mask")
-            _require(values.dtype == schema["values"] and values.shape == (entry["k"],),
+            value_dtype = schema.get("quantized", schema["values"])
+            _require(values.dtype == value_dtype and values.shape == (entry["k"],),
                      f"masked tensor {name!r}: {values.shape} {values.dtype} values stored, the mask has "
-                     f"{entry['k']} set ({schema['values']})")
+                     f"{entry['k']} set ({value_dtype})")
             _require(code.dtype == "U8" and len(code.shape) == 1, f"masked tensor {name!r}: mask must be 1-D U8")
             expected_keys |= {f"v:{name}", f"m:{name}"}
         else:

@@ -67,13 +67,18 @@ def format_info(info: dict) -> str:
     lines += [
         "",
         f"model {_architecture(schema['architecture'])}, mode {schema['mode']}, "
-        f"method {manifest.get('method')}, seed {schema['seed']}, values {schema['values']}"
+        f"method {manifest.get('method')}, seed {schema['seed']}, values "
+        + (f"{schema['quantized']} (one float32 scale per tensor; dense tensors {schema['values']})"
+           if schema.get("quantized") else schema["values"])
         + (f", test acc {accuracy:.2%}" if _finite(accuracy) else ""),
+        *_evaluation(manifest.get("eval")),
         f"masked weights : {_number(t['masked_trained'], ',')} of {_number(t['masked_total'], ',')} trained "
         f"(density {_number(density, '.4%')}, sparsity {_number(sparsity, '.4%')})",
         f"trained values : {_number(t['value_bytes'], '>10,')} B",
         f"masks          : {_number(t['mask_bytes'], '>10,')} B   (information limit "
-        f"{_number(t['mask_limit_bytes'], ',.0f')} B, ratio {_number(mask_ratio, '.3f')})",
+        f"{_number(t['mask_limit_bytes'], ',.0f')} B, ratio {_number(mask_ratio, '.3f')}; the limit, log2 C(n, k), is "
+        "that of a uniformly random mask with the same counts: a structured mask, such as SNIP's, can be coded "
+        "below it)",
         f"dense tensors  : {_number(t['dense_bytes'], '>10,')} B   (biases, norms, buffers)",
         *([f"filter bases   : {_number(t['basis_bytes'], '>10,')} B   ({t['interspace_layers']} interspace layers)"]
           if t.get("interspace_layers") else []),
@@ -104,3 +109,14 @@ def _architecture(architecture: dict) -> str:
     if architecture["model"] == "custom":
         return f"custom {architecture['class']} (formats.load(path, model={architecture['class']}(...)))"
     return f"{architecture['model']} {architecture['input_shape']}"
+
+
+def _evaluation(result) -> list[str]:
+    """The line of ``compress pack --eval``'s measurement, if the artifact holds one."""
+    if not isinstance(result, dict) or not (_finite(result.get("test_acc_packed"))
+                                            and _finite(result.get("test_acc_unpacked"))):
+        return []
+    packed, unpacked = result["test_acc_packed"], result["test_acc_unpacked"]
+    return [f"evaluated      : packed {packed:.2%} against the run's own {unpacked:.2%} "
+            f"({100 * (packed - unpacked):+.2f} points) on {_number(result.get('samples'), ',')} test samples of "
+            f"{str(result.get('data'))[:40]}"]

@@ -27,7 +27,7 @@ import formats
 from formats.container import MAX_HEADER_BYTES, StoredTensor, decode_container, encode_container
 from formats.errors import FormatError
 
-KINDS = ("freeze", "prune", "dense", "bn")
+KINDS = ("freeze", "prune", "dense", "bn", "int8")  # int8: the freeze run packed with quantised values
 FUZZ_CASES = 250
 CASE_SECONDS = 2.0  # per case, generous for two shared cores: a valid load takes ~50 ms
 CASE_MEMORY = 48 * 2**20  # per case, plus 4 x the file size: above the n-byte masks (n < 12M) of
@@ -283,7 +283,7 @@ LOADERS = [formats.load, formats.load_state_dict, formats.read_info, formats.rea
 
 @pytest.fixture(scope="module")
 def base_files(packed):
-    return {kind: packed(kind).read_bytes() for kind in KINDS}
+    return {kind: (packed("freeze", "int8") if kind == "int8" else packed(kind)).read_bytes() for kind in KINDS}
 
 
 def test_fuzz_the_loader_bounding_exception_memory_and_time_per_case(base_files, resign, resign_schema, tmp_path):

@@ -28,6 +28,7 @@ BENCHMARKS = [
     ("conv layout", "bench_layout.py", True),
     ("strategy layer", "bench_strategy.py", True),
     ("dynamic sparse training", "bench_dynamic.py", True),
+    ("artifact size vs compressors", "bench_artifact_size.py", True),
 ]
 VERDICT = re.compile(r"^\s*(PASS|FAIL)\b[\s:]*(.+?)\s*$")
 
