@@ -29,7 +29,6 @@ import numpy as np
 import safetensors.torch
 import torch
 
-import formats
 from compress.config import RunConfig
 from compress.packing import pack_run
 from compress.run import train_run
