@@ -315,7 +315,7 @@ def test_not_the_format_name(tiny, resign_schema, name):
     expect_error(resign_schema(tiny["prune"], lambda s: s.__setitem__("format", name)), "not a compress-artifact file")
 
 
-@pytest.mark.parametrize("version, fragment", [(99, "unknown format version 99"), (4, "unknown format version 4"),
+@pytest.mark.parametrize("version, fragment", [(99, "unknown format version 99"), (5, "unknown format version 5"),
                                                (0, "unknown format version 0"), (-1, "unknown format version -1"),
                                                ("1", "version is missing"), (1.0, "version is missing"),
                                                (None, "version is missing")])
@@ -877,7 +877,7 @@ def test_golden_bytes_pin_the_writer():
     data = golden_artifact()
     assert data == golden_artifact()  # deterministic
     artifact = parse_artifact(data)
-    assert artifact.schema["version"] == 1 and formats.FORMAT_VERSION == 3  # a registry model, no interspace: version 1
+    assert artifact.schema["version"] == 1 and formats.FORMAT_VERSION == 4  # a registry model, no interspace: version 1
     assert sorted(artifact.tensors) == ["d:fc.bias", "m:fc.weight", "v:fc.weight"]
     assert artifact.tensors["v:fc.weight"].data == torch.tensor([0.5, -0.25, 1.5], dtype=torch.float16).view(
         torch.uint8).numpy().tobytes()
