@@ -19,7 +19,7 @@ from compress.errors import UserError
 from compress.init import init_rules
 from compress.packing import check_run_consistency
 from compress.sparsify import Sparse
-from formats.artifact import VALUE_DTYPES, custom_architecture, write_artifact
+from formats.artifact import VALUE_DTYPES, custom_architecture, parse_artifact, write_artifact
 from formats.atomic import check_output_file, write_atomic
 from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
 
@@ -59,12 +59,17 @@ def save(model: nn.Module, path: str | Path, sparse: Sparse | None = None, *, va
         "density": trained / sum(m.numel() for m in masks.values()) if masks else 1.0,
         "test_acc": None, "normalization": {}, **(manifest or {}),
     }
-    dense_bytes = len(safetensors.torch.save({k: v.float() if v.is_floating_point() else v.contiguous()
+    state = {name: tensor.contiguous() for name, tensor in state.items()}  # channels_last models too
+    dense_bytes = len(safetensors.torch.save({k: v.float().contiguous() if v.is_floating_point() else v
                                               for k, v in state.items()}))
-    data = write_artifact(state, masks, mode=mode, seed=seed,
-                          architecture=custom_architecture(type(model).__qualname__, state), init_rules=rules,
-                          manifest=described, values=values, dense_fp32_bytes=dense_bytes,
-                          generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION})
+    try:
+        data = write_artifact(state, masks, mode=mode, seed=seed,
+                              architecture=custom_architecture(type(model).__qualname__, state), init_rules=rules,
+                              manifest=described, values=values, dense_fp32_bytes=dense_bytes,
+                              generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION})
+        parse_artifact(data)  # what a reader accepts, checked before anything is written
+    except (TypeError, ValueError) as error:
+        raise UserError(f"cannot save {type(model).__name__}: {' '.join(str(error).split())}") from None
     write_atomic(path, data, overwrite=force)
     return formats.read_info(path)
 

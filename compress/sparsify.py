@@ -8,14 +8,17 @@
     compress.save(model, "model.cpk", sparse)
 
 Without ``attach``, call ``sparse.before_step()`` just before and ``sparse.after_step()`` just after every
-``optimizer.step()``. ``before_step`` zeroes the gradients of untrained entries (so SGD momentum and
-Adam moments stay zero there); ``after_step`` puts untrained entries back exactly on the plan (zero, or
-the seeded init), which undoes what an optimizer changes without a gradient: coupled weight decay of
-SGD/Adam and AdamW's decoupled decay. The masked layers are ``SUPPORTED_LAYERS`` (their weights, and
-biases with ``include_bias``); every other parameter trains densely. Freeze mode needs the seeded
-init, so ``sparsify`` initialises those layers from ``seed`` (``init=True``, the default: every method
-here starts from the init) or, with ``init=False``, keeps the model's weights: any values in prune mode,
-only the seeded init itself in freeze mode.
+``optimizer.step()``. ``before_step`` zeroes the gradients of untrained entries; ``after_step`` puts untrained entries back
+exactly on the plan (zero, or the seeded init), which undoes what an optimizer changes without a gradient:
+coupled weight decay of SGD/Adam (which also feeds their momentum there, harmlessly) and AdamW's
+decoupled decay. The masked layers are ``SUPPORTED_LAYERS`` (their weights, and biases with
+``include_bias``); every other parameter trains densely; tied weights are refused. Freeze mode needs
+the seeded init, so ``sparsify`` initialises the model from ``seed`` (``init=True``, the default: every
+conv/linear weight and bias from the portable generator, norm layers to weight 1, bias 0 and fresh
+running statistics; every method here starts from the init) or, with ``init=False``, keeps the model's
+weights: any values in prune mode, only the seeded init itself in freeze mode. Move the model to its
+device before or after ``sparsify``: the masks follow it. Read the current masks from ``sparse.masks``
+(``sparse.plan`` holds those it started with).
 
 Strategies whose masks change: ``set``/``rigl`` move them after the due steps of ``after_step`` (give
 ``total_steps``); ``imp`` starts dense (level 0) and ``sparse.next_level(fraction, rewind=state)``
@@ -84,6 +87,7 @@ class Sparse:
 
     def before_step(self) -> None:
         """Call after ``loss.backward()``, before ``optimizer.step()``: untrained entries get no gradient."""
+        self.constraint.follow_devices()  # the model may have moved (model.cuda()) since sparsify
         if self.updater is not None and self.updater.due(self.steps):
             self._gradients = self.constraint.dense_gradients()  # RigL grows where these are largest
         self.constraint.mask_gradients(0.0)
@@ -123,7 +127,8 @@ class Sparse:
         """Lottery tickets (IMP) in your loop: after a level of training, remove the fraction ``fraction`` of
         the still-trained weights with the smallest magnitude (``scope`` global or layer, default the plan's),
         load ``rewind`` (a state dict, e.g. saved at init or after k steps) and return the next level's
-        ``Sparse`` (attached to the same optimizer, whose state is zeroed where weights were removed)."""
+        ``Sparse`` (attached to the same optimizer; with ``rewind`` its state is cleared, as a fresh optimizer's,
+        else it is zeroed where weights were removed)."""
         from compress.strategies.imp import _keep_top, next_counts
 
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
@@ -140,7 +145,13 @@ class Sparse:
                                     torch.tensor(-1.0, dtype=torch.float64)) for name, mask in current.items()}
         masks = _keep_top(scores, counts)
         if rewind is not None:
-            self.model.load_state_dict(rewind)
+            try:
+                self.model.load_state_dict(rewind)
+            except (RuntimeError, TypeError, AttributeError) as error:
+                raise UserError(f"rewind= is not a state dict of this model: {' '.join(str(error).split())[:300]}") \
+                    from None
+            if self.optimizer is not None:
+                self.optimizer.state.clear()  # as open_lth: every level trains with a fresh optimizer state
         self.detach()
         device = next(iter(self.constraint.parameter(n) for n in self.constraint.names)).device
         plan = Plan(self.plan.mode, {n: m.to(device) for n, m in masks.items()},
@@ -185,23 +196,35 @@ def sparsify(model: nn.Module, method: str = "freezenet", density: float | None 
     if not params:
         raise UserError(f"{type(model).__name__} has no layer sparsify can mask: it masks the weights of "
                         f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} layers (other parameters train densely)")
+    shared = [name for name in params if name not in dict(model.named_parameters())]
+    if shared:
+        raise UserError(f"{', '.join(shared[:3])} share their tensor with another layer (tied weights), which "
+                        "sparsify does not support: untie them, or leave those layers out of the model")
+    options = build_options(preset.strategy, strategy_options)  # every check before the model is touched
+    selector = SELECTORS.get(preset.selector)
+    names = list(scores or preset.scores) if selector.arity > 1 else [score or preset.score]
+    batches = list(batches)
+    if preset.strategy != "imp":
+        if names == [None]:
+            raise UserError(f"method {method!r} trains every weight: there is nothing to sparsify")
+        needs_data = [name for name in names if name not in DATA_FREE_SCORES]
+        if needs_data and not batches:
+            raise UserError(f"the {' and '.join(needs_data)} score(s) need data: pass batches=[(inputs, labels), "
+                            "...] (SNIP's reference scores one batch of 100)")
+        if any(not isinstance(batch, (tuple, list)) or len(batch) != 2 for batch in batches):
+            raise UserError("batches= must be (inputs, labels) pairs")
+        if "synflow" in names and not batches and input_shape is None:
+            raise UserError("synflow is data-free but needs the input shape: pass input_shape=(C, H, W) (or one batch)")
+    if strategy.moving_masks:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise UserError(f"method {method!r} moves the masks on a schedule over the training: pass total_steps= "
+                            "(the number of optimizer steps you will train)")
+        strategy.check(SimpleNamespace(density=density, method=method), options)
     _prepare_weights(model, params, seed, mode, init)
-    options = build_options(preset.strategy, strategy_options)
     if preset.strategy == "imp":  # level 0 trains every weight; next_level prunes
         masks = {name: torch.ones_like(model.get_parameter(name), dtype=torch.bool) for name in params}
         return _constrained(model, Plan(mode, masks, 1.0, scope, "dense (level 0)"), seed, method)
-    selector = SELECTORS.get(preset.selector)
-    names = list(scores or preset.scores) if selector.arity > 1 else [score or preset.score]
-    if names == [None]:
-        raise UserError(f"method {method!r} trains every weight: there is nothing to sparsify")
-    needs_data = [name for name in names if name not in DATA_FREE_SCORES]
-    batches = list(batches)
-    if needs_data and not batches:
-        raise UserError(f"the {' and '.join(needs_data)} score(s) need data: pass batches=[(inputs, labels), ...] "
-                        "(SNIP's reference scores one batch of 100)")
     if "synflow" in names and not batches:
-        if input_shape is None:
-            raise UserError("synflow is data-free but needs the input shape: pass input_shape=(C, H, W) (or one batch)")
         batches = [(torch.zeros(1, *input_shape), torch.zeros(1, dtype=torch.long))]
     device = next(model.parameters()).device
     batches = [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
@@ -209,16 +232,15 @@ def sparsify(model: nn.Module, method: str = "freezenet", density: float | None 
     plan = select_with(preset.selector, computed, density, scope, mode,
                        {"gamma": gamma} if "gamma" in selector.defaults else {}, names)
     plan.masks = {name: mask.to(device) for name, mask in plan.masks.items()}
+    if plan.trained == 0:
+        raise UserError(f"density {density:g} trains no weight of the {plan.total:,} in {type(model).__name__}; use "
+                        f"density={1 / plan.total:.3g} or more")
     collapsed = plan.collapsed_layers()
     if collapsed:
         warnings.warn(f"layer collapse: {', '.join(collapsed)} have no trained weight at density {density:g} "
                       f"({scope} scope); raise the density, use scope='layer', or another score", stacklevel=2)
     updater = None
     if strategy.moving_masks:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise UserError(f"method {method!r} moves the masks on a schedule over the training: pass total_steps= "
-                            "(the number of optimizer steps you will train)")
-        strategy.check(SimpleNamespace(density=density, method=method), options)
         updater = strategy.mask_updater(SimpleNamespace(epochs=total_steps, seed=seed), options, 1, 0, None)
     return _constrained(model, plan, seed, method, updater)
 

@@ -111,6 +111,13 @@ class MaskConstraint:
                 frozen = initial[name].to(param.device, param.dtype)
             self._entries.append((param, untrained, frozen))
 
+    def follow_devices(self) -> None:
+        """Move the masks (and frozen values) to their parameters' devices, if a model was moved since."""
+        for index, (param, untrained, frozen) in enumerate(self._entries):
+            if untrained.device != param.device:
+                self._entries[index] = (param, untrained.to(param.device),
+                                        None if frozen is None else frozen.to(param.device))
+
     def parameter(self, name: str) -> nn.Parameter:
         return self._entries[self.names.index(name)][0]
 

@@ -35,7 +35,7 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
                 "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KNOWN_GENERATORS = {("philox4x32-10", 1)}
-DENSE_INTEGER_DTYPES = {"I64", "I32", "U8", "BOOL"}
+DENSE_INTEGER_DTYPES = {"I64", "I32", "U8", "I8", "BOOL"}
 MAX_ELEMENTS = 2**28  # largest architecture a loader rebuilds unless told otherwise (1 GiB of float32)
 MAX_FILE_BYTES = 2**40
 MAX_INPUT_DIM = 2**16  # largest declared input channels, height or width
@@ -266,9 +266,11 @@ def _check_custom_architecture(architecture: dict, entries) -> None:
     for item in state:
         _require(isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                  and isinstance(item[1], list) and len(item[1]) <= MAX_NDIM
-                 and all(_is_int(d, 0, 2**40) for d in item[1]) and item[2] in TORCH_DTYPES,
+                 and all(_is_int(d, 0, 2**40) for d in item[1])
+                 and math.prod(max(d, 1) for d in item[1]) <= 2**48  # also bounds the strides of an empty tensor
+                 and isinstance(item[2], str) and item[2] in TORCH_DTYPES,
                  f"custom architecture state entry {str(item)[:80]} is not [name, shape (at most {MAX_NDIM} "
-                 f"dims), dtype of {sorted(TORCH_DTYPES)}]")
+                 f"dims, at most 2^48 entries), dtype of {sorted(TORCH_DTYPES)}]")
         names.append(item[0])
     _require(len(set(names)) == len(names), "custom architecture state lists a tensor twice")
     _require(sum(math.prod(item[1]) for item in state) <= MAX_DENSE_FP32_BYTES // 4,

@@ -117,6 +117,54 @@ def test_a_wrong_call_is_a_user_error_naming_the_fix(call, fragment):
     assert fragment in str(caught.value)
 
 
+def test_a_failing_call_leaves_the_model_untouched():
+    model = OwnNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: compress.sparsify(model, method="rigl", density=0.1),  # no total_steps
+                 lambda: compress.sparsify(model, method="snip", density=0.1),  # no batches
+                 lambda: compress.sparsify(model, method="rigl", density=0.1, total_steps=5, update_every=0)):
+        with pytest.raises(UserError):
+            call()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_tied_weights_are_refused_with_a_user_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    with pytest.raises(UserError, match="tied weights"):
+        compress.sparsify(model, method="magnitude", density=0.5)
+
+
+def test_a_diverged_dynamic_run_is_a_user_error_not_a_bug():
+    model = OwnNet()
+    sparse = compress.sparsify(model, method="set", density=0.2, total_steps=4, update_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparse.attach(optimizer)
+    x, y = data()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="not finite"):
+        optimizer.step()
+
+
+def test_a_channels_last_model_saves_and_a_bad_rewind_is_a_user_error(tmp_path):
+    model = OwnNet().to(memory_format=torch.channels_last)
+    sparse = compress.sparsify(model, method="imp")
+    compress.save(model, tmp_path / "cl.cpk", sparse)
+    assert formats.load(tmp_path / "cl.cpk", model=OwnNet())
+    with pytest.raises(UserError, match="rewind= is not a state dict"):
+        sparse.next_level(0.5, rewind={"nope": torch.zeros(1)})
+
+
+def test_a_manifest_the_reader_would_refuse_is_refused_before_writing(tmp_path):
+    model = OwnNet()
+    with pytest.raises(UserError, match="cannot save OwnNet"):
+        compress.save(model, tmp_path / "bad.cpk", manifest={"test_acc": 95})
+    assert not (tmp_path / "bad.cpk").exists()
+
+
 def test_rigl_moves_the_masks_in_your_loop_with_exact_counts(tmp_path):
     model = OwnNet()
     sparse = compress.sparsify(model, method="rigl", density=0.2, seed=0, total_steps=10, update_every=2)
@@ -236,8 +284,12 @@ def test_a_custom_artifact_is_version_3_and_records_every_tensor(custom_bytes):
     (lambda a: a["state"].__setitem__(0, ["conv.weight", [8, 1, 3, 3], "F8"]), "is not [name, shape"),
     (lambda a: a["state"].__setitem__(0, ["conv.weight", [8, 1, 3, 3]]), "is not [name, shape"),
     (lambda a: a["state"].__setitem__(0, ["other", [8, 1, 3, 3], "F32"]), "name different tensors"),
-    (lambda a: a["state"].__setitem__(0, ["conv.weight", [2**40, 2**40], "F32"]), "more elements"),
+    (lambda a: a["state"].__setitem__(0, ["conv.weight", [2**40, 2**40], "F32"]), "at most 2^48 entries"),
+    (lambda a: [item.__setitem__(1, [2**40, 2**7]) for item in a["state"][:3]] and None, "more elements"),
     (lambda a: a["state"].__setitem__(1, ["conv.bias", [8], "I64"]), "must be stored as I64"),
+    (lambda a: a["state"].__setitem__(0, ["conv.weight", [8, 1, 3, 3], ["F32"]]), "is not [name, shape"),
+    (lambda a: a["state"].__setitem__(0, ["conv.weight", [8, 1, 3, 3], {"a": 1}]), "is not [name, shape"),
+    (lambda a: a["state"].__setitem__(0, ["conv.weight", [0, 2**40, 2**40, 2**40], "F32"]), "is not [name, shape"),
 ])
 def test_every_malformed_custom_architecture_is_a_format_error(custom_bytes, resign_schema, change, fragment):
     data = resign_schema(custom_bytes, lambda s: change(s["architecture"]))

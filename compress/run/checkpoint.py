@@ -106,7 +106,7 @@ def read_checkpoint(run_dir: Path, model: nn.Module, settings: TrainSettings, sh
     optimizer_state = _optimizer_state(tensors, model, settings, bad)
     try:
         strategy = json.loads(metadata.get("strategy", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         strategy = None
     if not isinstance(strategy, dict):
         raise bad("has a damaged strategy state in its metadata")

@@ -51,9 +51,13 @@ def drop_fraction_at(options: DynamicOptions, done: int, until: int) -> float:
 
 
 def top_where(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` highest-scoring entries among ``allowed`` (flat, CPU); ties go to the lower index."""
-    ranked = torch.where(allowed, torch.nan_to_num(score.double(), nan=-math.inf), -math.inf)
-    return _top_k_flat(ranked, k) & allowed
+    """The ``k`` highest-scoring entries among ``allowed`` (flat, CPU; NaN ranks lowest); ties go to the lower
+    index. Only the allowed entries are ranked, so exactly ``min(k, allowed)`` are chosen whatever the scores."""
+    index = torch.nonzero(allowed).flatten()
+    chosen = _top_k_flat(torch.nan_to_num(score[index].double(), nan=-math.inf), k)
+    result = torch.zeros_like(allowed)
+    result[index[chosen]] = True
+    return result
 
 
 def update_until_step(options: DynamicOptions, total_steps: int) -> int:
@@ -100,6 +104,9 @@ class MaskSchedule:
             if k == 0:
                 continue
             magnitude = param.detach().abs().cpu().flatten()
+            if not bool(torch.isfinite(magnitude[mask]).all()):
+                raise UserError(f"the trained weights of {name} are not finite at step {done} (training diverged): "
+                                "lower the learning rate")
             drop = top_where(-magnitude, mask, k)
             growth = self.strategy.grow_scores(name, gradients[name].detach().cpu().flatten(),
                                                self._generator(done, name))
