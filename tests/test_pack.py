@@ -15,6 +15,7 @@ from compress.data import load_data
 from formats.models import build_model
 from compress.packing import pack_run
 from compress.training import evaluate
+from cli.main import main
 from cli_helpers import run_cli
 
 KINDS = ["freeze", "prune", "dense", "bn"]
@@ -64,6 +65,34 @@ def test_fp32_loaded_model_computes_exactly_what_the_run_model_computes(finished
     with torch.no_grad():
         assert torch.equal(loaded(inputs), reference(inputs))
     assert accuracy_of(loaded, finished_run(kind)) == summary["test_acc"]
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory):
+    """``learned_run(method) -> (run directory, fp16 artifact)``: a quick run that learns well above chance (an
+    accuracy test on a run at chance could not fail)."""
+    cache = {}
+
+    def get(method: str):
+        if method not in cache:
+            out = tmp_path_factory.mktemp("learned") / method
+            assert main(["train", "--model", "lenet300", "--data", "synthetic", "--subset", "1024", "--epochs", "2",
+                         "--batch-size", "64", "--quiet", "--method", method, "--density", "0.05",
+                         "--out", str(out)]) == 0
+            pack_run(out, out.with_suffix(".cpk"))
+            cache[method] = out, out.with_suffix(".cpk")
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["freezenet", "snip"])
+def test_fp16_pack_keeps_the_test_accuracy_of_a_learned_run_within_a_tenth_of_a_point(learned_run, method):
+    run, artifact = learned_run(method)
+    summary = read_json(run / "summary.json")
+    assert summary["test_acc"] >= 0.18  # chance is 0.1: the run learned (21-35%), so fp16 rounding could show
+    accuracy = accuracy_of(formats.load(artifact), run)
+    assert abs(accuracy - summary["test_acc"]) <= 0.001
 
 
 @pytest.mark.parametrize("kind", KINDS)
