@@ -146,15 +146,17 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds(sweep):
 
 def test_report_writes_tables_with_settings_and_time(sweep, tmp_path):
     settings = json.dumps({"epochs": 10, "subset": 5000, "eval_every": 10})
-    record = {sweep.record_key(r): r for r in (row(sweep, seed=0, settings=settings, seconds=1800),
-                                                row(sweep, seed=1, settings=settings, seconds=1800,
+    record = {sweep.record_key(r): r for r in (row(sweep, seed=0, settings=settings, seconds=1200),
+                                                row(sweep, seed=1, settings=settings, seconds=1200),
+                                                row(sweep, "freezenet", seed=0, settings=settings, seconds=1200,
                                                     device="cuda (NVIDIA H200)"))}
     text = sweep.report(record, tmp_path, "python examples/reproduce/sweep.py")
     assert "10 epochs on 5,000 training images (a subset drawn from each seed), tested after the last epoch only" in text
-    assert "seeds 0, 1; 1.0 h of training and scoring in all (1 on cpu with torch x; 1 on cuda (NVIDIA H200) " \
+    assert "seeds 0, 1; 1.0 h of training and scoring in all (2 on cpu with torch x; 1 on cuda (NVIDIA H200) " \
            "with torch x)" in text
     assert "| snip | 10.00% | 2 | 50.00 ± 0.00 | 100 | 400 | 10.0 |" in text
-    assert json.loads((tmp_path / "results.json").read_text())[0]["seeds"] == 2
+    assert "| freezenet | 10.00% | 1 | 50.00 ± 0.00 | 100 | 400 | 10.0 |" in text
+    assert [r["seeds"] for r in json.loads((tmp_path / "results.json").read_text())] == [1, 2]
     short = json.dumps({"epochs": 1})
     text = sweep.report({"x": row(sweep, settings=short, seconds=90)}, tmp_path, "x")
     assert "1 run: 1 epoch on all 60,000 training images; seeds 0; 1.5 min of training" in text
@@ -242,6 +244,15 @@ def test_the_lottery_part_plans_one_imp_run_per_model_mode_and_seed_down_to_the_
     resnets = [build_config(None, r.options).resolved() for r in runs if r.model == "resnet20"]
     assert sorted(c.interspace for c in resnets) == [False] * 3 + [True] * 3  # IP-IMP against IMP
     assert {c.subset for c in resnets} == {5000}  # the resnet part's settings
+
+
+def test_aggregate_refuses_to_average_rows_of_different_settings_or_devices(sweep):
+    same = [row(sweep, seed=0), row(sweep, seed=1)]
+    assert sweep.aggregate(same)[0]["seeds"] == 2
+    with pytest.raises(SystemExit, match="differ in settings or device"):
+        sweep.aggregate([row(sweep, seed=0), row(sweep, seed=1, device="cuda (NVIDIA H100)")])
+    with pytest.raises(SystemExit, match="differ in settings or device"):
+        sweep.aggregate([row(sweep, seed=0), row(sweep, seed=1, settings='{"epochs":2}')])
 
 
 def test_the_dynamic_part_plans_rigl_and_set_in_both_modes_with_erk_and_ip_rigl_against_rigl(sweep):

@@ -380,10 +380,19 @@ def _cores() -> int:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation of test accuracy over seeds, per model, method and density."""
+    """Mean and standard deviation of test accuracy over seeds, per model, method and density.
+
+    A group whose rows differ in settings or in the kind of device (cpu, cuda) is refused: its mean would
+    mix two experiments. Record such runs in another --results, or retrain them alike."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["part"], row["model"], row["method"], row["density"]), []).append(row)
+    for key, members in groups.items():
+        kinds = {(m["settings"], str(m["device"]).split(" ")[0]) for m in members}
+        if len(kinds) > 1:
+            raise SystemExit(f"error: the record's rows of {'/'.join(map(str, key))} differ in settings or device "
+                             f"({len(kinds)} kinds: {sorted(d for _, d in kinds)}): the tables never average them; "
+                             "record one of them in another --results, or retrain them alike")
     table = []
     for (part, model, method, density), members in groups.items():
         accuracies = [m["test_acc"] for m in members]
