@@ -85,6 +85,10 @@ def selection_options(function):
                           "basis (which makes interspace pruning identical to standard pruning). "
                           f"[default: {CONFIG_DEFAULTS['basis']}]"),
         click.option("--fixed-basis", is_flag=True, default=None, help="Hold the --interspace basis fixed instead of training it."),
+        click.option("--basis-in-budget", is_flag=True, default=None,
+                     help="Count the trained --interspace basis entries inside --density, so that interspace and "
+                          "standard pruning train the same number of parameters (the masked density is lowered by "
+                          "the bases' share)."),
         click.option("--include-bias/--no-include-bias", default=None, help="Also mask conv/linear biases [default: no]."),
         click.option("--score-batches", type=int, help=f"Batches used to compute the score [default: {CONFIG_DEFAULTS['score_batches']}]."),
         click.option("--score-batch-size", type=int, help=f"Samples per scoring batch [default: {CONFIG_DEFAULTS['score_batch_size']}, "

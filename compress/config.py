@@ -53,6 +53,7 @@ class RunConfig:
     interspace: bool = False  # interspace pruning: masks on coefficients over per-layer filter bases
     basis: str = "dct"  # the initial filter basis of interspace layers: dct or spatial
     fixed_basis: bool = False  # hold the basis at its initial value instead of training it
+    basis_in_budget: bool = False  # count the trained basis entries inside the density (equal trained parameters)
     score_batches: int = 1
     score_batch_size: int = 100
     on_collapse: str = "warn"
@@ -121,8 +122,14 @@ class RunConfig:
         config.seed = check_seed(config.seed)
         if config.basis not in BASES:
             raise UserError(f"unknown basis {config.basis!r}; known: {', '.join(BASES)}")
-        if not config.interspace and (config.basis != "dct" or config.fixed_basis):
-            raise UserError("--basis and --fixed-basis apply to interspace pruning; add --interspace")
+        if not config.interspace and (config.basis != "dct" or config.fixed_basis or config.basis_in_budget):
+            raise UserError("--basis, --fixed-basis and --basis-in-budget apply to interspace pruning; add --interspace")
+        if config.basis_in_budget and config.fixed_basis:
+            raise UserError("--basis-in-budget counts the trained bases inside the density, but --fixed-basis trains "
+                            "none: drop one of them")
+        if config.basis_in_budget and strategy.multilevel:
+            raise UserError("--basis-in-budget applies to at-init and dynamic methods; a lottery run's levels prune "
+                            "by magnitude to their own targets")
         for name in ("score_batches", "score_batch_size"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -18,7 +18,8 @@ from formats.artifact import VALUE_DTYPES, write_artifact
 from formats.atomic import check_output_file, write_atomic
 
 MANIFEST_CONFIG_KEYS = ("data", "subset", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
-                        "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma")
+                        "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma",
+                        "basis_in_budget")
 
 
 SUMMARY_KEYS = ("model", "input_shape", "num_classes", "mode", "method", "score", "scope", "density",

@@ -188,3 +188,35 @@ def test_files_written_before_interspace_are_still_version_1(tmp_path, capsys):
                  "--method", "snip", "--density", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert main(["pack", str(tmp_path / "r"), "-o", str(tmp_path / "r.cpk")]) == 0
     assert formats.read_info(tmp_path / "r.cpk")["schema"]["version"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --basis-in-budget: interspace at equal trained parameters
+
+_BUDGET_RUN = ["--model", "resnet20", "--data", "synthetic", "--data-shape", "3x8x8", "--subset", "64", "--batch-size",
+               "32", "--score-batch-size", "32", "--epochs", "1", "--quiet", "--interspace", "--method", "snip"]
+
+
+def test_basis_in_budget_trains_as_many_parameters_as_standard_pruning_at_the_same_density(tmp_path):
+    assert main(["train", *_BUDGET_RUN, "--density", "0.05", "--basis-in-budget", "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", *_BUDGET_RUN, "--density", "0.05", "--out", str(tmp_path / "p")]) == 0
+    budget = json.loads((tmp_path / "b" / "summary.json").read_text())
+    plain = json.loads((tmp_path / "p" / "summary.json").read_text())
+    bases = 19 * 81  # resnet20: 19 interspace layers, each a 9 x 9 basis
+    assert budget["trained_compressible_params"] + bases == round(0.05 * budget["compressible_params"])
+    assert plain["trained_compressible_params"] == round(0.05 * plain["compressible_params"])
+    assert budget["trained_params"] == plain["trained_params"] - bases
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--density", "0.005", "--basis-in-budget"], "fill the whole budget"),
+    (["--density", "0.05", "--basis-in-budget", "--fixed-basis"], "drop one of them"),
+])
+def test_basis_in_budget_errors_name_the_fix(tmp_path, capsys, args, fragment):
+    from cli_helpers import one_line_error, run_cli
+
+    code, _, err = run_cli(["train", *_BUDGET_RUN, *args, "--out", tmp_path / "r"], capsys)
+    one_line_error(code, err, fragment)
+    code, _, err = run_cli(["train", *_BUDGET_RUN[:-3], "--method", "snip", "--density", "0.05", "--basis-in-budget",
+                            "--out", tmp_path / "s"], capsys)
+    one_line_error(code, err, "add --interspace")

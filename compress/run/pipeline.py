@@ -158,6 +158,19 @@ def initialised_model(config: RunConfig, data: Data, seed: int) -> tuple[torch.n
     return model, layers
 
 
+def density_with_bases(config: RunConfig, model: torch.nn.Module, layers: list[str], density: float) -> float:
+    """The density of the masked entries that leaves room for the trained bases inside ``density`` of them
+    (``--basis-in-budget``: interspace pruning at equal trained parameters with standard pruning)."""
+    masked = sum(model.get_parameter(name).numel() for name in compressible_parameters(model, config.include_bias))
+    bases = sum(model.get_parameter(f"{layer}.basis").numel() for layer in layers)
+    left = density * masked - bases
+    if left < 1:
+        raise UserError(f"the {bases:,} trained basis entries of {len(layers)} interspace layers fill the whole budget of "
+                        f"density {density:g} ({density * masked:,.0f} entries); raise --density or drop "
+                        "--basis-in-budget")
+    return left / masked
+
+
 def prepare(config: RunConfig, *, quiet: bool = False, masks: dict[str, torch.Tensor] | None = None,
             masks_label: str = "") -> Prepared:
     """Resolve the config, load data, build and initialise the model, score and select.
@@ -172,6 +185,8 @@ def prepare(config: RunConfig, *, quiet: bool = False, masks: dict[str, torch.Te
     data = load_run_data(config)
     model, layers = initialised_model(config, data, config.seed)
     model.to(device)
+    if density is not None and config.basis_in_budget:
+        density = density_with_bases(config, model, layers, density)
     plan, seconds = None, 0.0
     if masks is not None:
         plan = plan_from_masks(config, model, masks, masks_label or str(config.score))
