@@ -220,3 +220,61 @@ def test_basis_in_budget_errors_name_the_fix(tmp_path, capsys, args, fragment):
     code, _, err = run_cli(["train", *_BUDGET_RUN[:-3], "--method", "snip", "--density", "0.05", "--basis-in-budget",
                             "--out", tmp_path / "s"], capsys)
     one_line_error(code, err, "add --interspace")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SynFlow through the absolute composed filter
+
+
+def _resnet(basis: str | None, seed: int = 0):
+    model = initialise(build_model("resnet20", (3, 8, 8), 10), seed)
+    if basis is not None:
+        to_interspace(model, basis)
+        initialise(model, seed)
+    return model
+
+
+_ONE_BATCH = [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))]
+
+
+def test_composed_synflow_equals_synflow_with_the_spatial_basis_and_differs_with_the_dct():
+    import copy
+
+    spatial = _resnet("spatial")
+    plain, composed = (score(copy.deepcopy(spatial), name, _ONE_BATCH, density=0.05)
+                       for name in ("synflow", "synflow-composed"))
+    assert all(torch.equal(plain[k], composed[k]) for k in plain)
+    dct = _resnet("dct")
+    plain, composed = (score(copy.deepcopy(dct), name, _ONE_BATCH, density=0.05)
+                       for name in ("synflow", "synflow-composed"))
+    moved = sum(int(((plain[k] > 0) != (composed[k] > 0)).sum()) for k in plain)
+    assert moved > 1000  # |lam| |F| is not |lam F| for the DCT's signed basis
+
+
+def test_composed_synflow_scores_the_coefficients_through_the_absolute_composed_filter():
+    """Against a hand-built reference: the standard model with weights W = lam F, linearised as |W|, gives
+    G = dR/d|W|; the chain rule through |W| = |lam F| gives dR/dlam = (G * sign(W)) F^T."""
+    import copy
+
+    from formats.interspace import interspace_weight, to_standard_state_dict
+
+    model = _resnet("dct")
+    state = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    layers = [n.rpartition(".")[0] for n in state if n.endswith(".coefficients")]
+    standard = build_model("resnet20", (3, 8, 8), 10).double().eval()
+    standard.load_state_dict(to_standard_state_dict(state, layers))
+    signed = {n: p.detach().clone() for n, p in standard.named_parameters()}
+    with torch.no_grad():
+        for tensor in [*standard.parameters(), *[b for b in standard.buffers() if b.is_floating_point()]]:
+            tensor.abs_()
+    weights = [standard.get_parameter(f"{layer}.weight") for layer in layers]
+    output = standard(torch.ones(1, 3, 8, 8, dtype=torch.float64)).sum()
+    grads = torch.autograd.grad(output, weights)
+    composed = score(copy.deepcopy(model), "synflow-composed", _ONE_BATCH, density=1.0)
+    for layer, g in zip(layers, grads):
+        lam, basis = state[f"{layer}.coefficients"], state[f"{layer}.basis"]
+        w = signed[f"{layer}.weight"]
+        assert torch.allclose(interspace_weight(lam, basis), w)
+        chained = (g * torch.sign(w)).reshape(lam.shape[0], lam.shape[1], -1) @ basis.reshape(lam.shape[2], -1).T
+        expected = (lam * chained).abs().float()
+        assert torch.allclose(composed[f"{layer}.coefficients"], expected, rtol=1e-4, atol=1e-30), layer

@@ -25,7 +25,7 @@ coefficients) against RigL on resnet20 with the resnet part's settings.
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
 seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
-3 seeds, 10 epochs, tested after the last epoch only (--eval-every 10, the test pass would cost a third
+and SynFlow through the absolute composed filters (synflow-composed+ip, interspace only), 3 seeds, 10 epochs, tested after the last epoch only (--eval-every 10, the test pass would cost a third
 of the time).
 
 Every method uses the same hyperparameters (the model's defaults of `compress train`: SGD, momentum
@@ -68,6 +68,9 @@ LENET_METHODS = {
     "cops": {"method": "cops", "scores": "snip,grasp", "gamma": 0.5},
 }
 RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, "freezenet": {"method": "freezenet"}}
+# SynFlow through the absolute composed filters |lam F| of interspace layers (on standard layers it is synflow):
+# interspace only, beside synflow+ip, whose |lam| |F| is the reference code's linearisation.
+RESNET_IP_ONLY_METHODS = {"synflow-composed": {"method": "synflow", "score": "synflow-composed"}}
 # Lottery tickets: one IMP run per model, mode and seed prunes half the remaining weights per level down to the
 # target; every level (trained `epochs` epochs, like one at-init run) is a row at its density.
 LOTTERY_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
@@ -160,6 +163,10 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                         name = f"{label}{'+ip' if interspace else ''}"
                         runs.append(Run("resnet", "resnet20", name, density, seed,
                                         {**resnet_common, **options, "density": density, "interspace": interspace}))
+            for label, options in RESNET_IP_ONLY_METHODS.items():
+                for density in resnet_densities:
+                    runs.append(Run("resnet", "resnet20", f"{label}+ip", density, seed,
+                                    {**resnet_common, **options, "density": density, "interspace": True}))
     return runs
 
 
