@@ -247,6 +247,21 @@ def test_the_lottery_part_plans_one_imp_run_per_model_mode_and_seed_down_to_the_
     assert {c.subset for c in resnets} == {5000}  # the resnet part's settings
 
 
+def test_the_cops_and_long_parts_plan_the_settings_the_fidelity_audit_asks_for(sweep):
+    from compress.config import build_config
+
+    cops = sweep.plan_runs(["cops"], 3, 10, None, 10, 5000)
+    assert len(cops) == 3 * 2 * 4 * 2 == 48 and {r.model for r in cops} == {"lenet5"}
+    configs = [build_config(None, {"model": r.model, **r.options}).resolved() for r in cops]
+    assert {(tuple(c.scores), c.gamma, c.density) for c in configs} == {
+        (tuple(pair.split(",")), gamma, density) for pair in sweep.COPS_PAIRS for gamma in sweep.COPS_GAMMAS
+        for density in sweep.COPS_DENSITIES}
+    long = sweep.plan_runs(["long"], 3, 10, None, 10, 5000)
+    assert len(long) == 9 and {build_config(None, r.options).resolved().epochs for r in long} == {60}
+    assert {r.method for r in long} == {"dense", "freezenet", "snip"}
+    assert len({r.path for r in cops + long}) == len(cops + long)
+
+
 def test_aggregate_refuses_to_average_rows_of_different_settings_or_devices(sweep):
     same = [row(sweep, seed=0), row(sweep, seed=1)]
     assert sweep.aggregate(same)[0]["seeds"] == 2

@@ -22,6 +22,10 @@ Part "dynamic": dynamic sparse training, RigL and SET (prune and freeze mode, ER
 defaults of `compress train`: masks moved every 100 steps before 75% of training, 30% at first, cosine-decayed)
 on LeNet-5-Caffe at the LeNet densities, 10 epochs like the at-init runs; and IP-RigL (RigL on interspace
 coefficients) against RigL on resnet20 with the resnet part's settings.
+Part "cops": COPS on LeNet-5-Caffe at 1% and 0.5% with gamma 0.25, 0.5, 0.75, 0.9 and the score pairs
+(snip, grasp) and (snip, synflow), 3 seeds: whether any setting reaches the better of its two scores.
+Part "long": dense, FreezeNet and SNIP at 0.64% on LeNet-5-Caffe for 60 epochs, 3 seeds: whether the gap to
+dense closes with longer training (the FreezeNet paper's 99.2% of dense was after full training on MNIST).
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
 seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
@@ -85,6 +89,14 @@ LOTTERY_RESNET_TARGET = 0.02
 DYNAMIC_METHODS = {"rigl": {"method": "rigl"}, "rigl-freeze": {"method": "rigl", "mode": "freeze"},
                    "set": {"method": "set"}, "set-freeze": {"method": "set", "mode": "freeze"}}
 DYNAMIC_RESNET_METHODS = {"rigl": {"method": "rigl"}, "rigl+ip": {"method": "rigl", "interspace": True}}
+# COPS settings beyond the paper's one (issue 17): gamma and the score pair, on LeNet-5-Caffe at 1% and 0.5%.
+COPS_GAMMAS = (0.25, 0.5, 0.75, 0.9)
+COPS_PAIRS = ("snip,grasp", "snip,synflow")
+COPS_DENSITIES = (0.01, 0.005)
+# Long training (issue 17): does the gap to dense close after 60 epochs? LeNet-5-Caffe at 0.64% (157x).
+LONG_METHODS = {"dense": {"method": "dense"}, "freezenet": {"method": "freezenet", "density": 0.0064},
+                "snip": {"method": "snip", "density": 0.0064}}
+LONG_EPOCHS = 60
 FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 10, "resnet_subset": 5000}
 QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
 RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
@@ -154,6 +166,19 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                 for density in resnet_densities:
                     runs.append(Run("dynamic", "resnet20", label, density, seed,
                                     {**resnet_common, **options, "density": density}))
+    if "cops" in parts:
+        for seed in range(seeds):
+            for pair in COPS_PAIRS:
+                for gamma in COPS_GAMMAS:
+                    for density in COPS_DENSITIES:
+                        runs.append(Run("cops", "lenet5", f"cops-{pair.replace(',', '-')}-g{gamma:g}", density, seed,
+                                        {**lenet_common, "method": "cops", "scores": pair, "gamma": gamma,
+                                         "density": density}))
+    if "long" in parts:
+        for seed in range(seeds):
+            for label, options in LONG_METHODS.items():
+                runs.append(Run("long", "lenet5", label, options.get("density", 1.0), seed,
+                                {**lenet_common, **options, "epochs": LONG_EPOCHS}))
     if "resnet" in parts:
         for seed in range(seeds):
             runs.append(Run("resnet", "resnet20", "dense", 1.0, seed, {**resnet_common, "method": "dense"}))
@@ -536,7 +561,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="run directories [runs/reproduce or runs/reproduce-quick]")
     parser.add_argument("--results", default=None,
                         help="record, tables and plots [docs/benchmarks/full or runs/reproduce-quick]")
-    parser.add_argument("--part", choices=["lenet", "lottery", "dynamic", "resnet", "all"], default="all")
+    parser.add_argument("--part", choices=["lenet", "lottery", "dynamic", "cops", "long", "resnet", "all"],
+                        default="all")
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of the part's models, e.g. lenet300 (run the sweep in pieces)")
     parser.add_argument("--methods", default=None,
@@ -570,7 +596,7 @@ def main(argv=None) -> None:
     settings = QUICK if args.quick else FULL
     root = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
     results = Path(args.results or ("runs/reproduce-quick" if args.quick else "docs/benchmarks/full"))
-    parts = ["lenet", "lottery", "dynamic", "resnet"] if args.part == "all" else [args.part]
+    parts = ["lenet", "lottery", "dynamic", "cops", "long", "resnet"] if args.part == "all" else [args.part]
     runs = plan_runs(parts, args.seeds or settings["seeds"], settings["lenet_epochs"], settings["lenet_subset"],
                      settings["resnet_epochs"], settings["resnet_subset"],
                      lenet_densities=[0.05, 0.0064] if args.quick else LENET_DENSITIES,
