@@ -277,13 +277,14 @@ def test_the_dynamic_part_plans_rigl_and_set_in_both_modes_with_erk_and_ip_rigl_
     runs = sweep.plan_runs(["dynamic"], 3, 10, None, 10, 5000)
     lenets = [r for r in runs if r.model == "lenet5"]
     resnets = [r for r in runs if r.model == "resnet20"]
-    assert len(lenets) == 3 * len(sweep.DYNAMIC_METHODS) * len(sweep.LENET_DENSITIES) == 84
-    assert len(resnets) == 3 * len(sweep.DYNAMIC_RESNET_METHODS) * len(sweep.RESNET_DENSITIES) == 18
+    assert len(lenets) == 3 * len(sweep.DYNAMIC_METHODS) * len(sweep.LENET_DENSITIES) == 105
+    assert len(resnets) == 3 * len(sweep.DYNAMIC_RESNET_METHODS) * len(sweep.RESNET_DENSITIES) == 27
     configs = [build_config(None, {"model": r.model, "seed": r.seed, **r.options}).resolved() for r in runs]
     assert {(c.strategy, c.mode) for c in configs[:len(lenets)]} == {("rigl", "prune"), ("rigl", "freeze"),
-                                                                    ("set", "prune"), ("set", "freeze")}
+                                                                    ("set", "prune"), ("set", "freeze"),
+                                                                    ("oneshot", "freeze")}  # the random-ERK control
     assert {c.scope for c in configs} == {"erk"} and {c.epochs for c in configs} == {10}
-    assert sorted(c.interspace for c in configs[len(lenets):]) == [False] * 9 + [True] * 9
+    assert sorted(c.interspace for c in configs[len(lenets):]) == [False] * 18 + [True] * 9
     assert {c.subset for c in configs[len(lenets):]} == {5000}
 
 

@@ -418,7 +418,7 @@ def bounded_results(packed, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bounded")
     crafted = tmp_path / "lenet300-946.cpk"
     crafted.write_bytes(crafted_lenet300(packed("prune").read_bytes()))
-    assert crafted.stat().st_size < 3072
+    assert crafted.stat().st_size < 4096  # a few KB that claim a 946 x 946 input
     junk = tmp_path / "junk-2GB.cpk"
     with open(junk, "wb") as file:  # sparse: costs no disk
         file.write(b"\x08\x00\x00\x00\x00\x00\x00\x00junkjunk")

@@ -86,9 +86,13 @@ LOTTERY_RESNET_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
 LOTTERY_RESNET_TARGET = 0.02
 # Dynamic sparse training (ERK per-layer densities, --update-every 100, --drop-fraction 0.3, --update-until 0.75:
 # the defaults) on LeNet-5-Caffe at the LeNet densities, and IP-RigL against RigL on resnet20.
+# random-erk(-freeze): the same random ERK masks kept fixed, the control that separates moving the mask from
+# allocating it by ERK.
 DYNAMIC_METHODS = {"rigl": {"method": "rigl"}, "rigl-freeze": {"method": "rigl", "mode": "freeze"},
-                   "set": {"method": "set"}, "set-freeze": {"method": "set", "mode": "freeze"}}
-DYNAMIC_RESNET_METHODS = {"rigl": {"method": "rigl"}, "rigl+ip": {"method": "rigl", "interspace": True}}
+                   "set": {"method": "set"}, "set-freeze": {"method": "set", "mode": "freeze"},
+                   "random-erk-freeze": {"method": "random", "mode": "freeze", "scope": "erk"}}
+DYNAMIC_RESNET_METHODS = {"rigl": {"method": "rigl"}, "rigl+ip": {"method": "rigl", "interspace": True},
+                          "random-erk": {"method": "random", "scope": "erk"}}
 # COPS settings beyond the paper's one (issue 17): gamma and the score pair, on LeNet-5-Caffe at 1% and 0.5%.
 COPS_GAMMAS = (0.25, 0.5, 0.75, 0.9)
 COPS_PAIRS = ("snip,grasp", "snip,synflow")
