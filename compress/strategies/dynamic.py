@@ -22,6 +22,7 @@ masked weights) and ranked per layer on the CPU.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -125,17 +126,18 @@ class MaskSchedule:
         return torch.Generator().manual_seed(derived_seed(self.seed, self.strategy.name, "grow", done, name))
 
 
-class DynamicSparse(Strategy):
-    """Base of the dynamic sparse strategies: subclasses name themselves and say where to grow."""
+class DynamicSparse(Strategy, abc.ABC):
+    """Base of the dynamic sparse strategies (never registered itself): subclasses name themselves and say
+    where to grow."""
 
     name: ClassVar[str] = ""
     Options = DynamicOptions
     default_scope = "erk"
     moving_masks = True
 
+    @abc.abstractmethod
     def grow_scores(self, name: str, gradient: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scores of the flat entries of ``name`` for growing (the highest untrained ones are grown)."""
-        raise NotImplementedError
 
     def check(self, config, options: DynamicOptions) -> None:
         if config.density is None or config.density >= 1:
