@@ -202,16 +202,20 @@ def plan(config_file, as_json, **options):
               "test set and record both accuracies in the artifact (compress info shows them).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (without it, an existing file is never touched).")
 @click.option("--level", type=int, help="For a run of levels (--method imp): the level to pack [default: the last].")
-def pack(run_dir, output, values, force, level, evaluate):
+@click.option("--layout", type=click.Choice(["compact", "plain"]), default="compact", show_default=True,
+              help="compact (format version 5): the values entropy-coded and the header compressed, the smallest "
+                   "file; plain (versions 1 to 4): one safetensors tensor per stored tensor, about 30%% larger, "
+                   "readable tensor by tensor with any safetensors tool. Both load alike.")
+def pack(run_dir, output, values, force, level, evaluate, layout):
     """Pack a finished run into one small artifact: trained values, coded masks, the seed.
 
     Frozen weights are not stored: they are regenerated from the 32-bit seed at load time and
-    checked against a stored SHA-256. Prints the storage report (see compress info). The file is
+    checked against a stored hash. Prints the storage report (see compress info). The file is
     written atomically with the permissions of your umask; an existing OUTPUT is replaced only with --force.
     """
     from compress.packing import pack_and_report
 
-    click.echo(pack_and_report(run_dir, output, values, force, level, evaluate))
+    click.echo(pack_and_report(run_dir, output, values, force, level, evaluate, layout))
 
 
 @cli.command()

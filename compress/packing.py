@@ -17,6 +17,7 @@ from compress.run.rundir import read_json_object, read_tensor_file
 from formats.artifact import VALUE_DTYPES, write_artifact
 from formats.atomic import check_output_file, write_atomic
 
+LAYOUTS = ("compact", "plain")  # format version 5 (entropy-coded) or versions 1 to 4 (one tensor per stored tensor)
 MANIFEST_CONFIG_KEYS = ("data", "subset", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
                         "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma",
                         "basis_in_budget")
@@ -73,18 +74,21 @@ def trained_directory(run_dir: Path, level: int | None) -> Path:
 
 
 def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False,
-             level: int | None = None, evaluate: bool = False) -> dict:
+             level: int | None = None, evaluate: bool = False, layout: str = "compact") -> dict:
     """Write the artifact of the finished run in ``run_dir`` to ``out`` (atomically); returns its report.
 
     For a run of levels (IMP) the last level is packed, or ``level``. An existing ``out`` is replaced only
     with ``force``. ``evaluate`` measures the test accuracy of the packed model against the run's own
-    (unpacked) model on the run's data and records both in the manifest (``eval``): the cost of lossy values."""
+    (unpacked) model on the run's data and records both in the manifest (``eval``): the cost of lossy values.
+    ``layout`` is ``compact`` (format version 5, entropy-coded: the smallest) or ``plain`` (versions 1 to 4)."""
     import compress
     import formats
 
     run_dir, out = Path(run_dir), Path(out)
     if values not in VALUE_DTYPES:
         raise UserError(f"unknown --values {values!r}; known: {', '.join(VALUE_DTYPES)}")
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown --layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
     trained = trained_directory(run_dir, level)
@@ -137,7 +141,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         return write_artifact(
             state, masks, mode=mode, seed=config["seed"], architecture=architecture, init_rules=rules,
             manifest=manifest, values=values, dense_fp32_bytes=dense_bytes,
-            generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION},
+            generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION}, compact=layout == "compact",
         )
 
     data = encode()
@@ -171,11 +175,11 @@ def packed_against_unpacked(config: dict, model: torch.nn.Module, state: dict, d
 
 
 def pack_and_report(run_dir: str | Path, out: str | Path, values: str = "fp16", force: bool = False,
-                    level: int | None = None, evaluate: bool = False) -> str:
+                    level: int | None = None, evaluate: bool = False, layout: str = "compact") -> str:
     """What ``compress pack`` does: pack, then the storage report as text."""
     from formats.report import format_info
 
-    info = pack_run(run_dir, out, values, force, level, evaluate)
+    info = pack_run(run_dir, out, values, force, level, evaluate, layout)
     return f"wrote {out}\n" + format_info(info)
 
 

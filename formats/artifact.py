@@ -18,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from formats.container import StoredTensor, encode_container, parse_json, read_container
+from formats import compact as compact_layout
+from formats.container import DTYPE_SIZES, StoredTensor, encode_container, parse_json, read_container
 from formats.errors import FormatError, UserError
 from formats.mask_codec import MaskCodecError, check_mask_code, decode_mask, encode_mask, mask_information_bits
 
 FORMAT_NAME = "compress-artifact"
-FORMAT_VERSION = 4  # 2 interspace layers, 3 custom architectures, 4 quantised values; written as the lowest that holds it
+FORMAT_VERSION = 5  # 2 interspace layers, 3 custom architectures, 4 quantised values, 5 the compact layout
+COMPACT_VERSION = 5  # the version of the compact layout (formats/compact.py); the plain layout is written as 1 to 4
+COMPACT_HASH_DIGITS = 16  # a compact file keeps the first 64 bits of each rebuilt tensor's SHA-256
 CUSTOM = "custom"  # the model name of an architecture outside formats.models: the user's class, rebuilt by the user
 MAX_STATE_ENTRIES = 100_000  # most tensors a custom architecture lists
 MAX_NDIM = 8
@@ -65,9 +68,10 @@ class Artifact:
     """A parsed, validated artifact: its schema (dict) and its stored tensors, not yet rebuilt."""
 
     schema: dict
-    tensors: dict[str, StoredTensor]
+    tensors: dict[str, StoredTensor]  # compact layout: values and dense tensors have data None until decoded
     header_bytes: int
     file_bytes: int
+    streams: dict[str, memoryview] | None = None  # compact layout: the coded values, dense and bases sections
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,11 +90,14 @@ def write_artifact(
     values: str = "fp16",
     dense_fp32_bytes: int,
     generator: dict,
+    compact: bool = True,
 ) -> bytes:
     """Artifact bytes for a trained ``state_dict`` whose masked entries follow ``masks``.
 
     ``init_rules`` gives, for every masked tensor in freeze mode, the rule that regenerates it
-    (``{"kind": "uniform", "bound": b}``). Deterministic: the same inputs give the same bytes.
+    (``{"kind": "uniform", "bound": b}``). ``compact`` writes the entropy-coded layout of version 5 (the
+    default, the smallest); otherwise the plain layout of versions 1 to 4, one safetensors tensor per stored
+    tensor. Deterministic: the same inputs give the same bytes.
     """
     if values not in VALUE_DTYPES:
         raise UserError(f"unknown values dtype {values!r}; known: {', '.join(VALUE_DTYPES)}")
@@ -128,10 +135,14 @@ def write_artifact(
     unknown = sorted(set(masks) - set(state_dict))
     if unknown:
         raise ValueError(f"masks for tensors that are not in the state dict: {unknown}")
+    if compact:
+        for entry in entries:
+            if entry["kind"] == "masked":
+                entry["sha256"] = entry["sha256"][:COMPACT_HASH_DIGITS]
     schema = {
         "format": FORMAT_NAME,
-        "version": (4 if quantized else 3 if architecture.get("model") == CUSTOM else 2 if "interspace" in architecture
-                    else 1),
+        "version": (COMPACT_VERSION if compact else 4 if quantized else 3 if architecture.get("model") == CUSTOM
+                    else 2 if "interspace" in architecture else 1),
         "architecture": architecture,
         "seed": seed,
         "generator": generator,
@@ -142,8 +153,59 @@ def write_artifact(
         "dense_fp32_bytes": dense_fp32_bytes,
         "manifest": manifest,
     }
-    text = json.dumps(schema, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    return encode_container(stored, {SCHEMA_KEY: text})
+    return encode_artifact(schema, stored, compact)
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def encode_artifact(schema: dict | str, stored: dict[str, StoredTensor], compact: bool) -> bytes:
+    """The file for a schema and its stored tensors (``v:``, ``m:`` and ``d:`` names, raw bytes), in the compact
+    layout or the plain one. A schema dict of a compact file gets its layout fields (``code``, ``dtype``,
+    ``shape``) from the tensors; a schema given as JSON text is written as it is (for tests and tools that
+    rewrite files: it tolerates a malformed schema, so that tests can write the files a reader must reject)."""
+    text = schema if isinstance(schema, str) else None
+    if not compact:
+        return encode_container(stored, {SCHEMA_KEY: text if text is not None else _dumps(schema)})
+    if text is not None:
+        try:
+            schema = json.loads(text)
+        except ValueError:
+            schema = {}
+        schema = schema if isinstance(schema, dict) else {}
+    entries = [e for e in schema.get("tensors", []) if isinstance(e, dict)] if isinstance(schema.get("tensors"), list) else []
+    bases = _basis_names(schema)
+    parts: dict[str, list] = {"values": [], "dense": [], "bases": []}
+    codes = []
+    for entry in entries:
+        name = entry.get("name")
+        if entry.get("kind") == "masked" and f"m:{name}" in stored:
+            codes.append(bytes(stored[f"m:{name}"].data))
+            if f"v:{name}" in stored:
+                parts["values"].append(stored[f"v:{name}"])
+            if text is None:
+                entry["code"] = len(codes[-1])
+        elif entry.get("kind") == "dense" and f"d:{name}" in stored:
+            tensor = stored[f"d:{name}"]
+            parts["bases" if name in bases else "dense"].append(tensor)
+            if text is None:
+                entry["dtype"], entry["shape"] = tensor.dtype, list(tensor.shape)
+    sections = {"schema": compact_layout.encode_schema(text if text is not None else _dumps(schema)),
+                "masks": b"".join(codes)}
+    for stream, tensors in parts.items():
+        sections[stream] = compact_layout.encode_stream([(bytes(t.data), DTYPE_SIZES[t.dtype]) for t in tensors])
+    stub, payload = compact_layout.join_sections(sections)
+    stub = {"format": FORMAT_NAME, "version": COMPACT_VERSION, **stub}
+    return encode_container({compact_layout.PAYLOAD: StoredTensor("U8", (len(payload),), payload)}, {SCHEMA_KEY: _dumps(stub)})
+
+
+def _basis_names(schema: dict) -> set[str]:
+    """The dense tensors that are filter bases: ``<layer>.basis`` of every interspace layer."""
+    architecture = schema.get("architecture")
+    spec = architecture.get("interspace") if isinstance(architecture, dict) else None
+    layers = spec.get("layers") if isinstance(spec, dict) else None
+    return {f"{layer}.basis" for layer in layers if isinstance(layer, str)} if isinstance(layers, list) else set()
 
 
 def _sha256(tensor: torch.Tensor) -> str:
@@ -298,6 +360,7 @@ def custom_architecture(class_name: str, state: dict[str, torch.Tensor]) -> dict
 
 
 def _check_tensor_entries(schema: dict, tensors: dict[str, StoredTensor]) -> None:
+    compact = schema["version"] >= COMPACT_VERSION
     expected_keys = set()
     names = set()
     for entry in schema["tensors"]:
@@ -306,7 +369,8 @@ def _check_tensor_entries(schema: dict, tensors: dict[str, StoredTensor]) -> Non
         _require(name not in names, f"tensor {name!r} is listed twice")
         names.add(name)
         if entry.get("kind") == "dense":
-            _require(set(entry) == {"name", "kind"}, f"dense tensor {name!r} has unexpected fields")
+            allowed = {"name", "kind"} | ({"dtype", "shape"} if compact else set())
+            _require(set(entry) == allowed, f"dense tensor {name!r} must have exactly the fields {sorted(allowed)}")
             stored = tensors.get(f"d:{name}")
             _require(stored is not None, f"dense tensor {name!r} has no stored data")
             _require(stored.dtype in DENSE_INTEGER_DTYPES or stored.dtype == schema["values"],
@@ -316,13 +380,15 @@ def _check_tensor_entries(schema: dict, tensors: dict[str, StoredTensor]) -> Non
         elif entry.get("kind") == "masked":
             _require(schema["mode"] != "dense", f"tensor {name!r} is masked but the mode is dense")
             allowed = ({"name", "kind", "n", "k", "sha256"} | ({"init"} if schema["mode"] == "freeze" else set())
-                       | ({"scale"} if "quantized" in schema else set()))
+                       | ({"scale"} if "quantized" in schema else set()) | ({"code"} if compact else set()))
             _require(set(entry) == allowed, f"masked tensor {name!r} must have exactly the fields {sorted(allowed)}")
             _require(_is_int(entry["n"], 0, 2**40), f"masked tensor {name!r}: invalid n {entry['n']!r}")
             _require(_is_int(entry["k"], 0, entry["n"]), f"masked tensor {name!r}: k {entry['k']!r} not in [0, n]")
             sha = entry["sha256"]
-            _require(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
-                     f"masked tensor {name!r}: invalid sha256")
+            _require(isinstance(sha, str) and len(sha) == (COMPACT_HASH_DIGITS if compact else 64)
+                     and all(c in "0123456789abcdef" for c in sha),
+                     f"masked tensor {name!r}: invalid sha256 (a compact file holds its first {COMPACT_HASH_DIGITS} "
+                     "hex digits, others all 64)")
             if schema["mode"] == "freeze":
                 rule = entry["init"]
                 _require(isinstance(rule, dict) and set(rule) in ({"kind", "bound"}, {"kind", "bound", "stream"})
@@ -374,8 +440,90 @@ def _parse(file, size: int, source: str) -> Artifact:
     metadata, tensors, header_length = read_container(file, size, source, require=SCHEMA_KEY)
     _require(set(metadata) == {SCHEMA_KEY, "checksum"}, f"unexpected metadata keys {sorted(metadata)}")
     schema = parse_json(metadata[SCHEMA_KEY], "schema")
+    header_bytes, streams = 8 + header_length, None
+    if isinstance(schema, dict) and schema.get("version") == COMPACT_VERSION:
+        schema, tensors, streams, schema_bytes = _unpack_compact(schema, tensors)
+        header_bytes += schema_bytes
     _check_schema(schema, tensors)
-    return Artifact(schema, tensors, 8 + header_length, size)
+    return Artifact(schema, tensors, header_bytes, size, streams)
+
+
+def _unpack_compact(stub: dict, stored: dict[str, StoredTensor]):
+    """(schema, tensors, value streams, schema section bytes) of a compact file, whose metadata holds only the
+    ``stub``. The tensors are the plain layout's: mask codes as views, values and dense tensors with data None
+    (their dtype and shape from the schema), decoded by ``decoded_tensors`` once the architecture is checked."""
+    _require(set(stub) == {"format", "version", "sections"} and stub["format"] == FORMAT_NAME,
+             "a compact (version 5) file's metadata must be exactly {format, version, sections}")
+    payload = stored.get(compact_layout.PAYLOAD)
+    _require(set(stored) == {compact_layout.PAYLOAD} and payload.dtype == "U8" and len(payload.shape) == 1,
+             f"a compact (version 5) file holds exactly one 1-D U8 tensor named {compact_layout.PAYLOAD!r}")
+    sections = compact_layout.split_sections(stub, payload.data)
+    schema = parse_json(compact_layout.decode_schema(sections["schema"]), "schema")
+    _require(isinstance(schema, dict), "schema is not a JSON object")
+    _require(schema.get("format") == FORMAT_NAME, f"not a {FORMAT_NAME} file (format {str(schema.get('format'))[:40]!r})")
+    _require(schema.get("version") == COMPACT_VERSION, f"the schema's version {str(schema.get('version'))[:20]} "
+             f"differs from the metadata's {COMPACT_VERSION}")
+    entries = schema.get("tensors")
+    _require(isinstance(entries, list), "schema field 'tensors' is missing or not a list")
+    value_dtype = schema.get("quantized", schema.get("values"))
+    tensors, codes = {}, []
+    for entry in entries:
+        _require(isinstance(entry, dict) and isinstance(entry.get("name"), str), "a tensor entry has no name")
+        name = entry["name"]
+        if entry.get("kind") == "masked":
+            _require(_is_int(entry.get("code"), 0, 2**48) and _is_int(entry.get("k"), 0, 2**40),
+                     f"masked tensor {name!r}: code (its mask code's bytes) and k must be non-negative integers")
+            if isinstance(value_dtype, str) and value_dtype in DTYPE_SIZES:  # else the schema check names the field
+                tensors[f"v:{name}"] = StoredTensor(value_dtype, (entry["k"],), None)
+            codes.append((name, entry["code"]))
+        elif entry.get("kind") == "dense":
+            dtype, shape = entry.get("dtype"), entry.get("shape")
+            _require(isinstance(dtype, str) and dtype in DTYPE_SIZES and isinstance(shape, list)
+                     and len(shape) <= MAX_NDIM and all(_is_int(d, 0, 2**40) for d in shape)
+                     and math.prod(shape) <= 2**48,
+                     f"dense tensor {name!r}: dtype and shape must be a known dtype and at most {MAX_NDIM} dimensions")
+            tensors[f"d:{name}"] = StoredTensor(dtype, tuple(shape), None)
+    lengths = [length for _, length in codes]
+    _require(sum(lengths) == len(sections["masks"]),
+             f"the masked tensors' codes add up to {sum(lengths):,} bytes, the masks section holds "
+             f"{len(sections['masks']):,}")
+    for (name, _), code in zip(codes, compact_layout.split_codes(sections["masks"], lengths)):
+        tensors[f"m:{name}"] = StoredTensor("U8", (len(code),), code)
+    streams = {name: sections[name] for name in compact_layout.STREAMS}
+    return schema, tensors, streams, len(sections["schema"])
+
+
+def decoded_tensors(artifact: Artifact) -> dict[str, StoredTensor]:
+    """The stored tensors with their raw bytes: as read (plain layout), or with the value streams decoded (compact
+    layout; each decodes to exactly the bytes its tensors declare, so call this after the architecture check)."""
+    if artifact.streams is None:
+        return artifact.tensors
+    tensors = dict(artifact.tensors)
+    bases = _basis_names(artifact.schema)
+    members: dict[str, list[str]] = {name: [] for name in compact_layout.STREAMS}
+    for entry in artifact.schema["tensors"]:
+        if entry["kind"] == "masked":
+            members["values"].append(f"v:{entry['name']}")
+        else:
+            members["bases" if entry["name"] in bases else "dense"].append(f"d:{entry['name']}")
+    for stream, names in members.items():
+        sizes = [(math.prod(tensors[n].shape), DTYPE_SIZES[tensors[n].dtype]) for n in names]
+        for name, data in zip(names, compact_layout.decode_stream(artifact.streams[stream], sizes, stream)):
+            tensors[name] = StoredTensor(tensors[name].dtype, tensors[name].shape, data)
+    return tensors
+
+
+def split_artifact(data: bytes) -> tuple[dict, dict[str, StoredTensor], bool]:
+    """(schema, stored tensors with their raw bytes, whether the layout is compact) of a valid artifact: what a
+    tool that rewrites files (``encode_artifact``) needs. Every malformation raises FormatError."""
+    artifact = parse_artifact(data)
+    tensors = {name: StoredTensor(t.dtype, t.shape, bytes(t.data)) for name, t in decoded_tensors(artifact).items()}
+    return json.loads(_dumps(artifact.schema)), tensors, artifact.streams is not None
+
+
+def stored_bytes(tensor: StoredTensor) -> int:
+    """The raw (uncoded) bytes of a stored tensor."""
+    return math.prod(tensor.shape) * DTYPE_SIZES[tensor.dtype]
 
 
 def parse_artifact(data: bytes) -> Artifact:
@@ -510,22 +658,23 @@ def rebuild_state_dict(
              f"{max_elements:,} ({4 * max_elements / 2**30:.3g} GiB of float32); if you trust this file, pass a "
              "larger max_elements= to formats.load or formats.load_state_dict")
     _check_against_architecture(schema, artifact.tensors, reference)
+    tensors = decoded_tensors(artifact)
     state = {}
     for entry in schema["tensors"]:
         name = entry["name"]
         target = reference[name]
         if entry["kind"] == "dense":
-            stored = artifact.tensors[f"d:{name}"]
+            stored = tensors[f"d:{name}"]
             state[name] = tensor_from_bytes(stored.data, stored.dtype, stored.shape).to(target.dtype)
             continue
-        mask = decode_stored_mask(artifact.tensors[f"m:{name}"].data, entry["n"], entry["k"], name)
+        mask = decode_stored_mask(tensors[f"m:{name}"].data, entry["n"], entry["k"], name)
         set_count = int(np.count_nonzero(mask))
         _require(set_count == entry["k"], f"mask of {name!r} has {set_count} set, the schema says {entry['k']}")
-        values_stored = artifact.tensors[f"v:{name}"]
+        values_stored = tensors[f"v:{name}"]
         values = tensor_from_bytes(values_stored.data, values_stored.dtype, values_stored.shape)
         rebuilt = rebuild_masked(entry, mask, values, schema["mode"], schema["seed"], tuple(target.shape))
         del mask, values
-        _require(_sha256(rebuilt) == entry["sha256"],
+        _require(_sha256(rebuilt)[: len(entry["sha256"])] == entry["sha256"],  # 16 digits (compact) or 64
                  f"hash mismatch for {name!r}: the rebuilt tensor differs from the packed one (a different "
                  "generator or a corrupted value)")
         state[name] = rebuilt.to(target.dtype)
@@ -533,14 +682,18 @@ def rebuild_state_dict(
 
 
 def information_report(artifact: Artifact) -> dict:
-    """Bytes of values, masks and header per tensor and in total, against the mask information limit."""
+    """Bytes of values, masks and header per tensor and in total, against the mask information limit.
+
+    A row's ``value_bytes`` are its raw stored bytes; in a compact file the totals' ``value_bytes``,
+    ``dense_bytes`` and ``basis_bytes`` are those of the entropy-coded sections (the raw ones as ``*_raw_bytes``),
+    since the streams code their tensors jointly."""
     schema = artifact.schema
-    bases = {f"{layer}.basis" for layer in schema["architecture"].get("interspace", {}).get("layers", [])}
+    bases = _basis_names(schema)
     rows = []
     for entry in schema["tensors"]:
         name = entry["name"]
         if entry["kind"] == "masked":
-            values = len(artifact.tensors[f"v:{name}"].data)
+            values = stored_bytes(artifact.tensors[f"v:{name}"])
             mask = len(artifact.tensors[f"m:{name}"].data)
             n, k = entry["n"], entry["k"]
             limit = mask_information_bits(n, k) / 8
@@ -549,18 +702,22 @@ def information_report(artifact: Artifact) -> dict:
                          "bits_per_trained": 8 * (values + mask) / k if k else None})
         else:
             stored = artifact.tensors[f"d:{name}"]
-            count = math.prod(stored.shape)
-            rows.append({"name": name, "kind": "basis" if name in bases else "dense", "total": count, "trained": count, "density": 1.0,
-                         "value_bytes": len(stored.data), "mask_bytes": 0, "mask_limit_bytes": 0.0,
-                         "bits_per_trained": 8 * len(stored.data) / count if count else None})
+            count, size = math.prod(stored.shape), stored_bytes(stored)
+            rows.append({"name": name, "kind": "basis" if name in bases else "dense", "total": count, "trained": count,
+                         "density": 1.0, "value_bytes": size, "mask_bytes": 0, "mask_limit_bytes": 0.0,
+                         "bits_per_trained": 8 * size / count if count else None})
     masked = [r for r in rows if r["kind"] == "masked"]
+    raw = {part: sum(r["value_bytes"] for r in rows if r["kind"] == kind)
+           for part, kind in (("value", "masked"), ("dense", "dense"), ("basis", "basis"))}
+    streams = artifact.streams
     totals = {
         "file_bytes": artifact.file_bytes,
+        "layout": "plain" if streams is None else "compact",
         "interspace_layers": len(bases),
         "header_bytes": artifact.header_bytes,
-        "value_bytes": sum(r["value_bytes"] for r in rows if r["kind"] == "masked"),
-        "dense_bytes": sum(r["value_bytes"] for r in rows if r["kind"] == "dense"),
-        "basis_bytes": sum(r["value_bytes"] for r in rows if r["kind"] == "basis"),
+        **{f"{part}_bytes": raw[part] if streams is None else len(streams[stream])
+           for part, stream in (("value", "values"), ("dense", "dense"), ("basis", "bases"))},
+        **{f"{part}_raw_bytes": raw[part] for part in raw},
         "mask_bytes": sum(r["mask_bytes"] for r in rows),
         "mask_limit_bytes": sum(r["mask_limit_bytes"] for r in rows),
         "masked_total": sum(r["total"] for r in masked),

@@ -64,7 +64,10 @@ def format_info(info: dict) -> str:
     sparsity = 1 - density if _finite(density) else None
     mask_ratio = _ratio(t["mask_bytes"], t["mask_limit_bytes"]) if t["mask_limit_bytes"] else 1
     saved = _ratio(t["file_bytes"], t["dense_fp32_bytes"])
+    compact = t.get("layout") == "compact"
     lines += [
+        *(["(per-tensor values B are before entropy coding: the compact layout codes all tensors' values together)"]
+          if compact else []),
         "",
         f"model {_architecture(schema['architecture'])}, mode {schema['mode']}, "
         f"method {manifest.get('method')}, seed {schema['seed']}, values "
@@ -74,15 +77,21 @@ def format_info(info: dict) -> str:
         *_evaluation(manifest.get("eval")),
         f"masked weights : {_number(t['masked_trained'], ',')} of {_number(t['masked_total'], ',')} trained "
         f"(density {_number(density, '.4%')}, sparsity {_number(sparsity, '.4%')})",
-        f"trained values : {_number(t['value_bytes'], '>10,')} B",
+        f"trained values : {_number(t['value_bytes'], '>10,')} B"
+        + (f"   (entropy-coded from {_number(t.get('value_raw_bytes'), ',')} B, "
+           f"{_number(_ratio(8 * t['value_bytes'], t['masked_trained']), '.2f')} bits per value)" if compact else ""),
         f"masks          : {_number(t['mask_bytes'], '>10,')} B   (information limit "
         f"{_number(t['mask_limit_bytes'], ',.0f')} B, ratio {_number(mask_ratio, '.3f')}; the limit, log2 C(n, k), is "
         "that of a uniformly random mask with the same counts: a structured mask, such as SNIP's, can be coded "
         "below it)",
-        f"dense tensors  : {_number(t['dense_bytes'], '>10,')} B   (biases, norms, buffers)",
-        *([f"filter bases   : {_number(t['basis_bytes'], '>10,')} B   ({t['interspace_layers']} interspace layers)"]
+        f"dense tensors  : {_number(t['dense_bytes'], '>10,')} B   (biases, norms, buffers"
+        + (f"; entropy-coded from {_number(t.get('dense_raw_bytes'), ',')} B)" if compact else ")"),
+        *([f"filter bases   : {_number(t['basis_bytes'], '>10,')} B   ({t['interspace_layers']} interspace layers"
+           + (f"; entropy-coded from {_number(t.get('basis_raw_bytes'), ',')} B)" if compact else ")")]
           if t.get("interspace_layers") else []),
-        f"header         : {_number(t['header_bytes'], '>10,')} B",
+        f"header         : {_number(t['header_bytes'], '>10,')} B"
+        + ("   (safetensors header and the deflate-coded schema: compact layout, format version 5)" if compact
+           else f"   (plain layout, format version {schema.get('version')})"),
         f"artifact       : {_number(t['file_bytes'], '>10,')} B   ({_size(t['file_bytes'])})"
         + (f", {_number(t['bits_per_trained'], '.2f')} bits per trained weight (values + mask)"
            if t["bits_per_trained"] else ""),

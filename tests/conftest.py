@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from formats.artifact import encode_artifact, split_artifact
+
 from cli.main import main
 
 _QUICK_LENET = ["--model", "lenet300", "--data", "synthetic", "--subset", "256", "--epochs", "1",
@@ -81,15 +83,11 @@ def _resign(data: bytes, mutate_header=None, mutate_body=None) -> bytes:
 
 
 def _resign_schema(data: bytes, mutate_schema) -> bytes:
-    """Re-sign after ``mutate_schema(schema)`` changed the schema dict in place (or returned a new one)."""
-
-    def mutate(header):
-        schema = json.loads(header["__metadata__"]["compress"])
-        result = mutate_schema(schema)
-        schema = schema if result is None else result
-        header["__metadata__"]["compress"] = json.dumps(schema, separators=(",", ":"), sort_keys=True)
-
-    return _resign(data, mutate)
+    """The file rewritten, in its own layout (compact or plain), after ``mutate_schema(schema)`` changed the schema
+    dict in place (or returned a new one, or JSON text to write as it is)."""
+    schema, tensors, compact = split_artifact(data)
+    result = mutate_schema(schema)
+    return encode_artifact(schema if result is None else result, tensors, compact)
 
 
 @pytest.fixture(scope="session")

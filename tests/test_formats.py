@@ -17,7 +17,7 @@ import formats
 from compress.init import init_rules
 from formats.models import build_model
 from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
-from formats.artifact import parse_artifact, rebuild_state_dict, write_artifact
+from formats.artifact import encode_artifact, parse_artifact, rebuild_state_dict, split_artifact, write_artifact
 from formats.container import MAX_HEADER_BYTES, FormatError, StoredTensor, decode_container, encode_container
 
 GENERATOR = {"name": GENERATOR_NAME, "version": GENERATOR_VERSION}
@@ -25,7 +25,7 @@ TINY_ARCH = {"model": "lenet300", "input_shape": [1, 1, 1], "num_classes": 2}  #
 
 
 def make_tiny(mode: str = "freeze", values: str = "fp16", seed: int = 5, density: float = 0.05,
-              densities: dict | None = None, state_out: dict | None = None) -> bytes:
+              densities: dict | None = None, state_out: dict | None = None, compact: bool = True) -> bytes:
     """A small valid artifact of a real architecture (LeNet-300-100 on 1x1x1 inputs, 2 classes).
 
     ``densities`` overrides the density per masked tensor (0.0: nothing trained, 1.0: all trained);
@@ -47,13 +47,21 @@ def make_tiny(mode: str = "freeze", values: str = "fp16", seed: int = 5, density
     if state_out is not None:
         state_out.update(state)
     return write_artifact(state, masks, mode=mode, seed=seed, architecture=dict(TINY_ARCH), init_rules=rules,
-                          manifest={"method": "test"}, values=values, dense_fp32_bytes=123_456, generator=GENERATOR)
+                          manifest={"method": "test"}, values=values, dense_fp32_bytes=123_456, generator=GENERATOR,
+                          compact=compact)
+
+
+@pytest.fixture(scope="module", params=["plain", "compact"])
+def tiny(request):
+    """Bytes of tiny artifacts by mode, built once per layout: every test that takes it runs on both."""
+    return {mode: make_tiny(mode, compact=request.param == "compact") for mode in ("freeze", "prune")}
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """Bytes of tiny artifacts by mode, built once."""
-    return {mode: make_tiny(mode) for mode in ("freeze", "prune")}
+def tiny_plain():
+    """Tiny artifacts in the plain layout (versions 1 to 4), for checks of its own tensors and version numbers
+    (tests/test_compact.py has the compact layout's)."""
+    return {mode: make_tiny(mode, compact=False) for mode in ("freeze", "prune")}
 
 
 def load_bytes(data: bytes) -> dict:
@@ -70,10 +78,9 @@ def expect_error(data: bytes, fragment: str) -> FormatError:
 
 def recontainer(data: bytes, change) -> bytes:
     """Decode, let ``change(schema, tensors)`` edit the schema dict / StoredTensor dict, re-encode (signed)."""
-    metadata, tensors = decode_container(data)
-    schema = json.loads(metadata["compress"])
+    schema, tensors, compact = split_artifact(data)
     change(schema, tensors)
-    return encode_container(tensors, {"compress": json.dumps(schema, separators=(",", ":"), sort_keys=True)})
+    return encode_artifact(schema, tensors, compact)
 
 
 def first_masked(schema) -> dict:
@@ -315,12 +322,12 @@ def test_not_the_format_name(tiny, resign_schema, name):
     expect_error(resign_schema(tiny["prune"], lambda s: s.__setitem__("format", name)), "not a compress-artifact file")
 
 
-@pytest.mark.parametrize("version, fragment", [(99, "unknown format version 99"), (5, "unknown format version 5"),
+@pytest.mark.parametrize("version, fragment", [(99, "unknown format version 99"), (6, "unknown format version 6"),
                                                (0, "unknown format version 0"), (-1, "unknown format version -1"),
                                                ("1", "version is missing"), (1.0, "version is missing"),
                                                (None, "version is missing")])
-def test_unknown_version(tiny, resign_schema, version, fragment):
-    error = expect_error(resign_schema(tiny["prune"], lambda s: s.__setitem__("version", version)), fragment)
+def test_unknown_version(tiny_plain, resign_schema, version, fragment):
+    error = expect_error(resign_schema(tiny_plain["prune"], lambda s: s.__setitem__("version", version)), fragment)
     if version in (3, 99):
         assert "upgrade compress" in str(error)
 
@@ -375,8 +382,8 @@ def test_unknown_values_dtype(tiny, resign_schema, values):
     expect_error(resign_schema(tiny["prune"], lambda s: s.__setitem__("values", values)), "unknown values dtype")
 
 
-def test_values_dtype_differs_from_the_stored_values(tiny, resign_schema):
-    expect_error(resign_schema(tiny["prune"], lambda s: s.__setitem__("values", "F32")), "values stored")
+def test_values_dtype_differs_from_the_stored_values(tiny_plain, resign_schema):
+    expect_error(resign_schema(tiny_plain["prune"], lambda s: s.__setitem__("values", "F32")), "values stored")
 
 
 def test_unknown_architecture_model_name(tiny, resign_schema):
@@ -409,39 +416,39 @@ def test_architecture_that_does_not_match_the_tensors(packed, resign_schema):
                  "do not match the architecture")
 
 
-def test_value_count_differs_from_the_mask_popcount(tiny, resign_schema):
+def test_value_count_differs_from_the_mask_popcount(tiny_plain, resign_schema):
     def more_k(schema):
         first_masked(schema)["k"] += 1
 
-    expect_error(resign_schema(tiny["prune"], more_k), "values stored, the mask has")
+    expect_error(resign_schema(tiny_plain["prune"], more_k), "values stored, the mask has")
 
     def k_beyond_n(schema):
         entry = first_masked(schema)
         entry["k"] = entry["n"] + 1
 
-    expect_error(resign_schema(tiny["prune"], k_beyond_n), "not in [0, n]")
+    expect_error(resign_schema(tiny_plain["prune"], k_beyond_n), "not in [0, n]")
 
 
-def test_values_shape_changed(tiny):
+def test_values_shape_changed(tiny_plain):
     def drop_one_value(schema, tensors):
         name = first_masked(schema)["name"]
         stored = tensors[f"v:{name}"]
         tensors[f"v:{name}"] = StoredTensor(stored.dtype, (stored.shape[0] - 1,), stored.data[:-2])
 
-    expect_error(recontainer(tiny["prune"], drop_one_value), "values stored, the mask has")
+    expect_error(recontainer(tiny_plain["prune"], drop_one_value), "values stored, the mask has")
 
     def drop_one_value_and_k(schema, tensors):
         drop_one_value(schema, tensors)
         first_masked(schema)["k"] -= 1
 
-    expect_error(recontainer(tiny["prune"], drop_one_value_and_k), "mask of 'fc1.weight'")
+    expect_error(recontainer(tiny_plain["prune"], drop_one_value_and_k), "mask of 'fc1.weight'")
 
     def values_2d(schema, tensors):
         name = first_masked(schema)["name"]
         stored = tensors[f"v:{name}"]
         tensors[f"v:{name}"] = StoredTensor(stored.dtype, (1, stored.shape[0]), stored.data)
 
-    expect_error(recontainer(tiny["prune"], values_2d), "values stored, the mask has")
+    expect_error(recontainer(tiny_plain["prune"], values_2d), "values stored, the mask has")
 
 
 def test_corrupted_mask_bytes_are_caught_by_the_mask_codec(tiny):
@@ -466,7 +473,7 @@ def test_corrupted_mask_bytes_are_caught_by_the_mask_codec(tiny):
     expect_error(recontainer(tiny["prune"], trailing), "mask of 'fc2.weight'")
 
     # any other change of the code: the codec rejects it, or it decodes another mask that the hash rejects
-    length = len(decode_container(tiny["prune"])[1]["m:fc2.weight"].data)
+    length = len(split_artifact(tiny["prune"])[1]["m:fc2.weight"].data)
     for position in range(1, length, max(1, length // 40)):
         def flip(schema, tensors, position=position):
             stored = tensors["m:fc2.weight"]
@@ -493,12 +500,12 @@ def test_masks_with_nothing_or_everything_trained_are_stored_as_zero_bytes(mode)
     expect_error(recontainer(data, coded_full_mask), "must be stored as 0 bytes")
 
 
-def test_mask_stored_with_the_wrong_dtype(tiny):
+def test_mask_stored_with_the_wrong_dtype(tiny_plain):
     def as_i8(schema, tensors):
         stored = tensors["m:fc2.weight"]
         tensors["m:fc2.weight"] = StoredTensor("I8", stored.shape, stored.data)
 
-    expect_error(recontainer(tiny["prune"], as_i8), "mask must be 1-D U8")
+    expect_error(recontainer(tiny_plain["prune"], as_i8), "mask must be 1-D U8")
 
 
 def test_n_not_matching_the_architecture(tiny, resign_schema):
@@ -536,14 +543,13 @@ def test_invalid_init_rule(tiny, resign_schema, rule):
     expect_error(resign_schema(tiny["freeze"], set_rule), "invalid init rule")
 
 
-def test_init_bound_overflowing_to_infinity(tiny, resign):
-    def infinite_bound(header):
-        schema = json.loads(header["__metadata__"]["compress"])
+def test_init_bound_overflowing_to_infinity(tiny, resign_schema):
+    def infinite_bound(schema):
         first_masked(schema)["init"]["bound"] = 12345.5
-        text = json.dumps(schema, separators=(",", ":"), sort_keys=True).replace("12345.5", "1e999")
-        header["__metadata__"]["compress"] = text  # JSON 1e999 parses to inf: no NaN/Infinity literal needed
+        # JSON 1e999 parses to inf: no NaN/Infinity literal needed
+        return json.dumps(schema, separators=(",", ":"), sort_keys=True).replace("12345.5", "1e999")
 
-    expect_error(resign(tiny["freeze"], infinite_bound), "the header holds the number 1e999, which overflows a float")
+    expect_error(resign_schema(tiny["freeze"], infinite_bound), "the header holds the number 1e999, which overflows a float")
 
 
 def test_huge_integer_init_bound_is_a_format_error(tiny, resign_schema):
@@ -580,7 +586,7 @@ def test_dense_entry_with_extra_fields(tiny, resign_schema):
     def extra(schema):
         next(e for e in schema["tensors"] if e["kind"] == "dense")["n"] = 5
 
-    expect_error(resign_schema(tiny["prune"], extra), "has unexpected fields")
+    expect_error(resign_schema(tiny["prune"], extra), "must have exactly the fields")
 
 
 def test_duplicate_tensor_entry(tiny, resign_schema):
@@ -592,35 +598,35 @@ def test_tensor_entry_without_a_name(tiny, resign_schema, entry):
     expect_error(resign_schema(tiny["prune"], lambda s: s["tensors"].append(entry)), "a tensor entry has no name")
 
 
-def test_stored_tensor_not_named_by_the_schema(tiny):
+def test_stored_tensor_not_named_by_the_schema(tiny_plain):
     def extra(schema, tensors):
         tensors["x:extra"] = StoredTensor("U8", (3,), b"abc")
 
-    expect_error(recontainer(tiny["prune"], extra), "stored tensors not named by the schema: ['x:extra']")
+    expect_error(recontainer(tiny_plain["prune"], extra), "stored tensors not named by the schema: ['x:extra']")
 
 
-def test_missing_tensor(tiny):
+def test_missing_tensor(tiny_plain):
     def drop_stored(schema, tensors):
         del tensors["d:fc1.bias"]
 
-    expect_error(recontainer(tiny["prune"], drop_stored), "dense tensor 'fc1.bias' has no stored data")
+    expect_error(recontainer(tiny_plain["prune"], drop_stored), "dense tensor 'fc1.bias' has no stored data")
 
     def drop_values(schema, tensors):
         del tensors["v:fc2.weight"]
 
-    expect_error(recontainer(tiny["prune"], drop_values), "lacks its values or mask")
+    expect_error(recontainer(tiny_plain["prune"], drop_values), "lacks its values or mask")
 
     def drop_entry_and_data(schema, tensors):
         schema["tensors"] = [e for e in schema["tensors"] if e["name"] != "fc1.bias"]
         del tensors["d:fc1.bias"]
 
-    expect_error(recontainer(tiny["prune"], drop_entry_and_data), "missing ['fc1.bias']")
+    expect_error(recontainer(tiny_plain["prune"], drop_entry_and_data), "missing ['fc1.bias']")
 
     def unknown_name(schema, tensors):
         schema["tensors"].append({"name": "fc9.bias", "kind": "dense"})
         tensors["d:fc9.bias"] = StoredTensor("F16", (2,), b"\0" * 4)
 
-    expect_error(recontainer(tiny["prune"], unknown_name), "unexpected ['fc9.bias']")
+    expect_error(recontainer(tiny_plain["prune"], unknown_name), "unexpected ['fc9.bias']")
 
 
 def test_dense_tensor_with_the_wrong_shape(tiny):
@@ -738,13 +744,23 @@ def zeroed_header(data: bytes) -> tuple[bytes, bytes]:
 
 @st.composite
 def mutated_files(draw):
-    base = make_tiny_cached(draw(st.sampled_from(["freeze", "prune"])))
-    kind = draw(st.sampled_from(["raw", "random", "header-text", "schema-text"]))
+    compact = draw(st.booleans())
+    base = make_tiny_cached(draw(st.sampled_from(["freeze", "prune"])), compact)
+    kind = draw(st.sampled_from(["raw", "random", "header-text", "schema-text"] + (["payload"] if compact else [])))
     if kind == "raw":
         return apply_edits(base, draw(EDITS))
     if kind == "random":
         prefix = draw(st.sampled_from([b"", len(b"{}").to_bytes(8, "little")]))
         return prefix + draw(st.binary(max_size=512))
+    if kind == "payload":  # the coded sections edited, the container re-signed: the decoders must reject it
+        metadata, stored = decode_container(base)
+        payload = apply_edits(bytes(stored["payload"].data), draw(EDITS))
+        return encode_container({"payload": StoredTensor("U8", (len(payload),), payload)},
+                                {"compress": metadata["compress"]})
+    if kind == "schema-text" and compact:
+        schema, tensors, _ = split_artifact(base)
+        text = apply_edits(json.dumps(schema, separators=(",", ":"), sort_keys=True).encode(), draw(TEXT_EDITS))
+        return encode_artifact(text.decode("utf-8", "replace"), tensors, compact=True)
     header, body = zeroed_header(base)
     if kind == "header-text":
         return sign_header_text(apply_edits(header, draw(TEXT_EDITS)), body)
@@ -757,10 +773,10 @@ def mutated_files(draw):
 _TINY_CACHE = {}
 
 
-def make_tiny_cached(mode: str) -> bytes:
-    if mode not in _TINY_CACHE:
-        _TINY_CACHE[mode] = make_tiny(mode)
-    return _TINY_CACHE[mode]
+def make_tiny_cached(mode: str, compact: bool) -> bytes:
+    if (mode, compact) not in _TINY_CACHE:
+        _TINY_CACHE[mode, compact] = make_tiny(mode, compact=compact)
+    return _TINY_CACHE[mode, compact]
 
 
 def load_or_format_error(path, data: bytes) -> None:
@@ -806,11 +822,16 @@ def replace_node(tree, path_choices, value):
 
 @st.composite
 def structurally_mutated_files(draw):
-    base = make_tiny_cached(draw(st.sampled_from(["freeze", "prune"])))
+    compact = draw(st.booleans())
+    base = make_tiny_cached(draw(st.sampled_from(["freeze", "prune"])), compact)
     header, body = zeroed_header(base)
     parsed = json.loads(header)
     path = draw(st.lists(st.integers(0, 50), min_size=1, max_size=5))
     value = draw(json_values())
+    if compact and draw(st.booleans()):  # the coded schema, its layout fields included
+        schema, tensors, _ = split_artifact(base)
+        replace_node(schema, path, value)
+        return encode_artifact(json.dumps(schema, separators=(",", ":"), sort_keys=True), tensors, compact=True)
     if draw(st.booleans()):
         schema = json.loads(parsed["__metadata__"]["compress"])
         replace_node(schema, path, value)
@@ -856,7 +877,7 @@ def test_a_packed_artifact_opens_with_the_official_safetensors_reader(packed):
             assert tensor.contiguous().view(torch.uint8).numpy().tobytes() == stored[name].data, name
 
 
-def golden_artifact() -> bytes:
+def golden_artifact(compact: bool = False) -> bytes:
     state = {
         "fc.weight": torch.tensor([[0.5, 0.0, -0.25, 0.0], [0.0, 1.5, 0.0, 0.0]], dtype=torch.float32),
         "fc.bias": torch.tensor([0.125, -1.0], dtype=torch.float32),
@@ -865,21 +886,34 @@ def golden_artifact() -> bytes:
     return write_artifact(state, masks, mode="prune", seed=0,
                           architecture={"model": "lenet300", "input_shape": [1, 2, 2], "num_classes": 2},
                           init_rules={}, manifest={"method": "golden"}, values="fp16", dense_fp32_bytes=256,
-                          generator=GENERATOR)
+                          generator=GENERATOR, compact=compact)
 
 
-# If this hash changes, the writer's bytes changed: that is a format change. Bump FORMAT_VERSION in
-# formats/artifact.py (and SPEC.md section 5), keep reading version 1 files, then update the hash.
+# If a hash changes, the writer's bytes changed: that is a format change. Bump FORMAT_VERSION in
+# formats/artifact.py (and SPEC.md section 5), keep reading the older versions, then update the hash.
 GOLDEN_SHA256 = "96b3ac1cb6fcc01eaa018ab4ff94a5631aac5534415016181008c045eaad017f"
+GOLDEN_COMPACT_SHA256 = "32769736f274454e34b3a6e3673b84fba2da4cf0cd7becfa9323e73ad9f21279"
 
 
-def test_golden_bytes_pin_the_writer():
+def test_golden_bytes_pin_the_plain_writer():
     data = golden_artifact()
     assert data == golden_artifact()  # deterministic
     artifact = parse_artifact(data)
-    assert artifact.schema["version"] == 1 and formats.FORMAT_VERSION == 4  # a registry model, no interspace: version 1
+    assert artifact.schema["version"] == 1 and formats.FORMAT_VERSION == 5  # a registry model, no interspace: version 1
     assert sorted(artifact.tensors) == ["d:fc.bias", "m:fc.weight", "v:fc.weight"]
     assert artifact.tensors["v:fc.weight"].data == torch.tensor([0.5, -0.25, 1.5], dtype=torch.float16).view(
         torch.uint8).numpy().tobytes()
     assert (8 + int.from_bytes(data[:8], "little")) % 8 == 0  # header padded to a multiple of 8
     assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256
+
+
+def test_golden_bytes_pin_the_compact_writer():
+    data = golden_artifact(compact=True)
+    assert data == golden_artifact(compact=True)  # deterministic
+    metadata, stored = decode_container(data)
+    assert json.loads(metadata["compress"])["version"] == 5 and list(stored) == ["payload"]
+    schema, tensors, compact = split_artifact(data)
+    assert compact and tensors["v:fc.weight"].data == torch.tensor([0.5, -0.25, 1.5], dtype=torch.float16).view(
+        torch.uint8).numpy().tobytes()
+    assert schema["tensors"][0]["sha256"] == parse_artifact(golden_artifact()).schema["tensors"][0]["sha256"][:16]
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_COMPACT_SHA256

@@ -156,7 +156,8 @@ def test_interspace_pack_load_is_bit_exact_and_exports_to_onnx(tmp_path, capsys,
     report = formats.export_onnx(tmp_path / "ip.cpk", tmp_path / "ip.onnx")
     assert report.max_abs_diff <= 1e-4
     info = formats.read_info(tmp_path / "ip.cpk")
-    assert info["totals"]["basis_bytes"] == 19 * 81 * 4 and info["schema"]["version"] == 2
+    assert info["totals"]["basis_raw_bytes"] == 19 * 81 * 4 and info["schema"]["version"] == 5
+    assert 0 < info["totals"]["basis_bytes"] < info["totals"]["basis_raw_bytes"]  # the bases are entropy-coded too
 
 
 @pytest.mark.parametrize("name", SCORES.names() + ["cops"])
@@ -183,11 +184,12 @@ def test_interspace_options_are_checked(capsys, args, message):
     assert code == 2 and message in err
 
 
-def test_files_written_before_interspace_are_still_version_1(tmp_path, capsys):
+def test_a_run_without_interspace_layers_packs_without_them_and_no_basis_section(tmp_path, capsys):
     assert main(["train", "--model", "lenet300", *TINY[:2], "--subset", "64", "--epochs", "1", "--quiet",
                  "--method", "snip", "--density", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert main(["pack", str(tmp_path / "r"), "-o", str(tmp_path / "r.cpk")]) == 0
-    assert formats.read_info(tmp_path / "r.cpk")["schema"]["version"] == 1
+    info = formats.read_info(tmp_path / "r.cpk")
+    assert "interspace" not in info["schema"]["architecture"] and info["totals"]["basis_bytes"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Lossy int8 trained values (format version 4): per-tensor float32 scales, exact dequantisation, every
+"""Lossy int8 trained values (format version 4, and 5 in the compact layout): per-tensor float32 scales, exact dequantisation, every
 malformation of a quantised file, pack --values int8 --eval, and loading and export of the result."""
 import json
 
@@ -7,7 +7,7 @@ import torch
 
 import formats
 from cli_helpers import run_cli
-from formats.artifact import dequantize, parse_artifact, quantize, rebuild_state_dict
+from formats.artifact import dequantize, parse_artifact, quantize, rebuild_state_dict, split_artifact
 from formats.errors import FormatError
 from test_formats import expect_error, make_tiny
 
@@ -33,14 +33,16 @@ def test_an_int8_artifact_rebuilds_the_dequantised_values_and_the_untrained_entr
     state = {}
     make_tiny(mode, values="int8", state_out=state)
     artifact = parse_artifact(int8_tiny[mode])
-    assert artifact.schema["version"] == 4 and artifact.schema["quantized"] == "I8" and artifact.schema["values"] == "F16"
+    assert artifact.schema["version"] == 5 and artifact.schema["quantized"] == "I8" and artifact.schema["values"] == "F16"
+    assert parse_artifact(make_tiny(mode, values="int8", compact=False)).schema["version"] == 4  # the plain layout
     rebuilt = rebuild_state_dict(artifact)
+    stored_tensors = split_artifact(int8_tiny[mode])[1]
     reference = rebuild_state_dict(parse_artifact(make_tiny(mode, values="fp32")))
     for entry in artifact.schema["tensors"]:
         name = entry["name"]
         if entry["kind"] != "masked":
             continue
-        stored = artifact.tensors[f"v:{name}"]
+        stored = stored_tensors[f"v:{name}"]
         assert stored.dtype == "I8" and len(stored.data) == entry["k"]
         diff = (rebuilt[name] - reference[name]).abs()
         assert float(diff.max()) <= entry["scale"] / 2 + 1e-6, name  # at most half a step off
@@ -49,8 +51,21 @@ def test_an_int8_artifact_rebuilds_the_dequantised_values_and_the_untrained_entr
         assert untrained.any()
 
 
+def test_a_plain_quantised_file_needs_version_4(resign_schema):
+    plain = make_tiny("prune", values="int8", compact=False)
+    expect_error(resign_schema(plain, lambda s: s.__setitem__("version", 3)), "quantised values need format version 4")
+
+
 @pytest.mark.parametrize("change, fragment", [
-    (lambda s: s.__setitem__("version", 3), "quantised values need format version 4"),
+    (lambda s: s.__setitem__("version", 3), "the schema's version 3 differs from the metadata's 5"),
+    (lambda s: s.__setitem__("quantized", "F16"), "unknown quantised values dtype"),
+])
+def test_a_compact_quantised_file_with_another_version_or_dtype_is_a_format_error(int8_tiny, resign_schema, change,
+                                                                                 fragment):
+    expect_error(resign_schema(int8_tiny["prune"], change), fragment)
+
+
+@pytest.mark.parametrize("change, fragment", [
     (lambda s: s.__setitem__("quantized", "I4"), "unknown quantised values dtype"),
     (lambda s: next(e for e in s["tensors"] if e["kind"] == "masked").pop("scale") and None, "must have exactly the fields"),
     (lambda s: next(e for e in s["tensors"] if e["kind"] == "masked").__setitem__("scale", -0.5), "not a positive float32"),
@@ -81,7 +96,7 @@ def test_pack_values_int8_with_eval_records_the_accuracy_cost_and_loads_and_expo
     summary = json.loads((run / "summary.json").read_text())
     assert result["test_acc_unpacked"] == summary["test_acc"] and 0 <= result["test_acc_packed"] <= 1
     fp16 = formats.read_info(finished_run_packed(run, tmp_path, capsys))["totals"]
-    assert info["totals"]["value_bytes"] * 2 == fp16["value_bytes"]  # one byte per trained value, not two
+    assert info["totals"]["value_raw_bytes"] * 2 == fp16["value_raw_bytes"]  # one byte per trained value, not two
     model = formats.load(tmp_path / "q.cpk")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     code, _, err = run_cli(["export", tmp_path / "q.cpk", "-o", tmp_path / "q.onnx"], capsys)

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import formats
-from formats.container import MAX_HEADER_BYTES, StoredTensor, decode_container, encode_container
+from formats.artifact import encode_artifact, split_artifact
+from formats.container import MAX_HEADER_BYTES, StoredTensor
 from formats.errors import FormatError
 
 KINDS = ("freeze", "prune", "dense", "bn", "int8")  # int8: the freeze run packed with quantised values
@@ -41,16 +42,14 @@ def _root() -> Path:
 
 
 def _schema_of(data: bytes) -> dict:
-    return json.loads(decode_container(data)[0]["compress"])
+    return split_artifact(data)[0]
 
 
 def _recontainer(data: bytes, change) -> bytes:
     """Decode, let ``change(schema, tensors)`` edit the schema and the StoredTensor dict, re-encode signed."""
-    metadata, tensors = decode_container(data)
-    tensors = {name: StoredTensor(t.dtype, t.shape, bytes(t.data)) for name, t in tensors.items()}
-    schema = json.loads(metadata["compress"])
+    schema, tensors, compact = split_artifact(data)
     change(schema, tensors)
-    return encode_container(tensors, {"compress": json.dumps(schema, separators=(",", ":"), sort_keys=True)})
+    return encode_artifact(schema, tensors, compact)
 
 
 def _replace_at_random_path(rng: random.Random, tree, value):
@@ -125,13 +124,16 @@ def number_literal(rng, data, resign, resign_schema):
     """A number of the schema or of the header written as 1e400, -1e400, a 400-digit integer..."""
     literal = rng.choice(["1e400", "-1e400", "1" + "0" * 400, "-" + "9" * 30, "1E+999", "18446744073709551616"])
 
+    def edit_schema(schema):
+        text = json.dumps(schema, separators=(",", ":"), sort_keys=True)
+        spans = [m.span() for m in re.finditer(r"(?<=[:,\[])-?\d+(\.\d+)?(e-?\d+)?(?=[,\]}])", text)]
+        begin, end = rng.choice(spans)
+        return text[:begin] + literal + text[end:]
+
+    if rng.random() < 0.7:
+        return resign_schema(data, edit_schema), "read"
+
     def mutate(header):
-        if rng.random() < 0.7:
-            text = header["__metadata__"]["compress"]
-            spans = [m.span() for m in re.finditer(r"(?<=[:,\[])-?\d+(\.\d+)?(e-?\d+)?(?=[,\]}])", text)]
-            begin, end = rng.choice(spans)
-            header["__metadata__"]["compress"] = text[:begin] + literal + text[end:]
-            return None
         text = json.dumps(header, separators=(",", ":"))
         spans = [m.span() for m in re.finditer(r'(?<="data_offsets":\[)\d+|(?<=,)\d+(?=\])|(?<="shape":\[)\d+', text)]
         begin, end = rng.choice(spans)
@@ -542,7 +544,8 @@ def test_reading_keeps_one_copy_of_the_data(packed):
     finally:
         tracemalloc.stop()
     assert peak < 1.25 * size + 2**20, (peak, size)
-    assert all(isinstance(t.data, memoryview) and t.data.readonly for t in artifact.tensors.values())
+    views = [t.data for t in artifact.tensors.values() if t.data is not None] + list(artifact.streams.values())
+    assert views and all(isinstance(v, memoryview) and v.readonly for v in views)
 
 
 @pytest.mark.parametrize("header, fragment", [
@@ -580,16 +583,15 @@ def test_a_header_length_beyond_the_file_is_rejected_before_reading(tmp_path):
 @pytest.mark.parametrize("literal, fragment", [("1e400", "overflows a float"), ("-1e400", "overflows a float"),
                                                ("1" + "0" * 400, "beyond 64 bits")])
 @pytest.mark.parametrize("field", ["dense_fp32_bytes", "test_acc", "normalization"])
-def test_huge_numbers_in_the_schema_or_manifest_are_rejected_at_read_time(packed, resign, tmp_path, literal,
+def test_huge_numbers_in_the_schema_or_manifest_are_rejected_at_read_time(packed, resign_schema, tmp_path, literal,
                                                                          fragment, field):
-    def mutate(header):
-        schema = json.loads(header["__metadata__"]["compress"])
+    def mutate(schema):
         target = schema if field == "dense_fp32_bytes" else schema["manifest"]
         target[field] = {"mean": [0.5], "std": [987654.25]} if field == "normalization" else 987654.25
-        header["__metadata__"]["compress"] = json.dumps(schema, sort_keys=True).replace("987654.25", literal)
+        return json.dumps(schema, sort_keys=True).replace("987654.25", literal)
 
     path = tmp_path / "huge.cpk"
-    path.write_bytes(resign(packed("prune").read_bytes(), mutate))
+    path.write_bytes(resign_schema(packed("prune").read_bytes(), mutate))
     for read in (formats.read_info, formats.load):
         with pytest.raises(FormatError, match=fragment):
             read(path)
@@ -659,7 +661,7 @@ def test_a_floating_dense_tensor_stored_in_another_dtype_is_rejected(packed, tmp
 def test_an_integer_dense_tensor_must_keep_its_own_dtype(packed, tmp_path, dtype):
     """BatchNorm's num_batches_tracked is int64: stored as I64, nothing else."""
     data = packed("bn").read_bytes()
-    name = next(key for key in decode_container(data)[1] if key.endswith("num_batches_tracked"))
+    name = next(key for key in split_artifact(data)[1] if key.endswith("num_batches_tracked"))
 
     def retype(schema, tensors):
         size = {"I32": 4, "U8": 1, "BOOL": 1, "F16": 2}[dtype]

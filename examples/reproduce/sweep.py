@@ -105,6 +105,10 @@ FULL = {"seeds": 3, "lenet_epochs": 10, "lenet_subset": None, "resnet_epochs": 1
 QUICK = {"seeds": 1, "lenet_epochs": 1, "lenet_subset": 10_000, "resnet_epochs": 1, "resnet_subset": 2000}
 RECORD_FIELDS = ["part", "model", "method", "density", "seed", "settings", "test_acc", "trained_params",
                  "total_params", "artifact_bytes", "dense_fp32_bytes", "seconds", "threads", "torch", "device"]
+# The record's artifact bytes are of the plain layout (format versions 1 to 4), the layout of every row recorded
+# before the compact one (version 5, `compress pack`'s default, about 30% smaller: bench_artifact_size.py) existed,
+# so that all rows stay comparable.
+RECORD_LAYOUT = "plain"
 # Columns added after the first rows were recorded, with the value those rows had (all ran on a CPU).
 LATER_FIELDS = {"device": "cpu"}
 
@@ -266,7 +270,7 @@ def execute(run: Run, root: Path, threads: int, device: str = "auto") -> dict:
             return [level_row(run, out, summary, level, threads) for level in summary["levels"] if level["level"] > 0]
         artifact = out.with_suffix(".cpk")
         if stale_artifact(artifact, out):
-            pack_run(out, artifact, force=True)  # a stale artifact of this run is ours to replace
+            pack_run(out, artifact, force=True, layout=RECORD_LAYOUT)  # a stale artifact of ours to replace
     totals = formats.read_info(artifact)["totals"]
     return {
         "part": run.part, "model": run.model, "method": run.method, "density": run.density, "seed": run.seed,
@@ -287,7 +291,7 @@ def level_row(run: Run, out: Path, summary: dict, level: dict, threads: int) -> 
 
     artifact = out / f"level_{level['level']}.cpk"
     if stale_artifact(artifact, out / f"level_{level['level']}"):
-        pack_run(out, artifact, force=True, level=level["level"])
+        pack_run(out, artifact, force=True, level=level["level"], layout=RECORD_LAYOUT)
     totals = formats.read_info(artifact)["totals"]
     fraction = run.options["prune_fraction"]
     cost = sum(row["train_seconds"] for row in summary["levels"] if row["level"] <= level["level"])
@@ -489,6 +493,9 @@ def markdown(table: list[dict], rows: list[dict]) -> str:
                   f"{len(members)} run{'' if len(members) == 1 else 's'}: {describe_settings(members)}; seeds "
                   f"{', '.join(str(s) for s in sorted({r['seed'] for r in members}))}; "
                   f"{duration} of training and scoring in all ({describe_machines(members)}).\n",
+                  "Artifact bytes are those of the plain layout (fp16 values, format versions 1 to 4); `compress "
+                  "pack`'s default compact layout is smaller still (`python examples/benchmarks/"
+                  "bench_artifact_size.py`).\n",
                   "| method | density | seeds | test acc (mean ± std) | trained params | artifact bytes | x smaller than "
                   "dense fp32 | training s per run |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -527,7 +534,7 @@ def plots(table: list[dict], root: Path) -> list[Path]:
             axes[1].errorbar([p["artifact_bytes"] for p in points], accuracy, yerr=error, label=method, **style)
         axes[0].set(xscale="log", xlabel="density (fraction of weights trained)", ylabel="test accuracy (%)",
                     title=f"{model}: accuracy against density")
-        axes[1].set(xscale="log", xlabel="artifact bytes (fp16 values)", ylabel="test accuracy (%)",
+        axes[1].set(xscale="log", xlabel="artifact bytes (fp16 values, plain layout)", ylabel="test accuracy (%)",
                     title=f"{model}: accuracy against storage")
         kilobytes = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g} KB")
         axes[1].xaxis.set_major_formatter(kilobytes)
