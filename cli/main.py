@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from compress.config import CONFIG_DEFAULTS, ON_COLLAPSE
+from compress.config import CONFIG_DEFAULTS, ON_COLLAPSE, SCORE_MODES
 from compress.data import DATASETS
 from formats.interspace import BASES
 from compress.methods import METHODS
@@ -93,6 +93,10 @@ def selection_options(function):
         click.option("--score-batches", type=int, help=f"Batches used to compute the score [default: {CONFIG_DEFAULTS['score_batches']}]."),
         click.option("--score-batch-size", type=int, help=f"Samples per scoring batch [default: {CONFIG_DEFAULTS['score_batch_size']}, "
                      "as SNIP's reference]."),
+        click.option("--score-mode", type=click.Choice(SCORE_MODES),
+                     help="The network's mode while SNIP and GraSP score it: eval (BatchNorm on its running "
+                          "statistics, no dropout), as the references do, or train (each scoring batch's own "
+                          f"statistics). Other scores ignore it. [default: {CONFIG_DEFAULTS['score_mode']}]"),
         click.option("--on-collapse", type=click.Choice(ON_COLLAPSE), help="What to do when a layer would have no "
                      f"trained weight [default: {CONFIG_DEFAULTS['on_collapse']}]."),
         click.option("--seed", type=int, help=f"32-bit seed: initial weights, data order, random scores [default: {CONFIG_DEFAULTS['seed']}]."),

@@ -11,7 +11,7 @@ from compress.allocation import scope_of_allocation
 from formats.interspace import BASES
 from compress.methods import METHODS
 from formats.rng import check_seed
-from compress.scores import SCORES
+from compress.scores import SCORE_MODES, SCORES
 from compress.selection import MODES, SCOPES, SELECTORS, check_density
 from compress.training import TrainSettings
 
@@ -56,6 +56,7 @@ class RunConfig:
     basis_in_budget: bool = False  # count the trained basis entries inside the density (equal trained parameters)
     score_batches: int = 1
     score_batch_size: int = 100
+    score_mode: str = "eval"  # the network's mode while SNIP/GraSP score it: eval (as the references) or train
     on_collapse: str = "warn"
     seed: int = 0
     device: str = "auto"
@@ -130,6 +131,8 @@ class RunConfig:
         if config.basis_in_budget and strategy.multilevel:
             raise UserError("--basis-in-budget applies to at-init and dynamic methods; a lottery run's levels prune "
                             "by magnitude to their own targets")
+        if config.score_mode not in SCORE_MODES:
+            raise UserError(f"unknown score mode {config.score_mode!r}; known: {', '.join(SCORE_MODES)}")
         for name in ("score_batches", "score_batch_size"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -191,6 +194,16 @@ class RunConfig:
 
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+
+
+# Keys added after run directories were first written, with the value those runs had: a stored config.json
+# without one describes a run made that way (before --score-mode, SNIP and GraSP scored in train mode).
+STORED_RUN_DEFAULTS = {"score_mode": "train"}
+
+
+def stored_run_config(values: dict, source: str = "config") -> RunConfig:
+    """The RunConfig of a run directory's config.json (see STORED_RUN_DEFAULTS)."""
+    return config_from_dict({**STORED_RUN_DEFAULTS, **values}, source)
 
 
 def config_from_dict(values: dict, source: str = "config") -> RunConfig:

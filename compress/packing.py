@@ -9,6 +9,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from compress.config import STORED_RUN_DEFAULTS
 from compress.init import init_rules
 from formats.interspace import to_interspace, to_standard_state_dict
 from formats.models import build_model
@@ -20,7 +21,7 @@ from formats.atomic import check_output_file, write_atomic
 LAYOUTS = ("compact", "plain")  # format version 5 (entropy-coded) or versions 1 to 4 (one tensor per stored tensor)
 MANIFEST_CONFIG_KEYS = ("data", "subset", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
                         "schedule", "weight_decay", "score_batches", "score_batch_size", "include_bias", "scores", "gamma",
-                        "basis_in_budget")
+                        "basis_in_budget", "score_mode")
 
 
 SUMMARY_KEYS = ("model", "input_shape", "num_classes", "mode", "method", "score", "scope", "density",
@@ -96,7 +97,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         raise UserError(f"{trained} is not a finished run (no summary.json/model.safetensors); finish it with "
                         f"compress train --resume {run_dir}")
     check_output_file(out, force)
-    config = _read_json(run_dir / "config.json", "run config")
+    config = {**STORED_RUN_DEFAULTS, **_read_json(run_dir / "config.json", "run config")}
     summary = _read_json(trained / "summary.json", "run summary")
     missing = [key for key in SUMMARY_KEYS if key not in summary] + (["seed"] if "seed" not in config else [])
     if missing:

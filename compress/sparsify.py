@@ -177,13 +177,14 @@ def sparsify(model: nn.Module, method: str = "freezenet", density: float | None 
              score: str | None = None, scores: list[str] | None = None, gamma: float = 0.5,
              scope: str | None = None, init: bool = True, include_bias: bool = False,
              total_steps: int | None = None, input_shape: tuple[int, ...] | None = None,
-             **strategy_options) -> Sparse:
+             score_mode: str = "eval", **strategy_options) -> Sparse:
     """Score and select the trained entries of ``model``'s conv/linear layers and return the ``Sparse`` that keeps
     them in your loop. ``method``: any method of ``compress train`` (freezenet, snip, grasp, synflow, cops,
     magnitude, random, set, rigl, imp); ``batches``: (inputs, labels) pairs for the data-driven scores
     (SNIP scores one batch of 100, as its reference); ``scope``: global, layer or erk; ``init``: see the
     module docstring. set/rigl take ``total_steps`` and their options (``update_every=``, ``update_until=``,
-    ``drop_fraction=``); data-free SynFlow takes ``input_shape`` (e.g. (3, 32, 32)) when no batch is given."""
+    ``drop_fraction=``); data-free SynFlow takes ``input_shape`` (e.g. (3, 32, 32)) when no batch is given;
+    ``score_mode``: the network's mode while SNIP or GraSP score it (eval, as the references, or train)."""
     if not isinstance(model, nn.Module):
         raise UserError(f"sparsify takes a torch.nn.Module, got {type(model).__name__}")
     seed = check_seed(seed)
@@ -228,7 +229,8 @@ def sparsify(model: nn.Module, method: str = "freezenet", density: float | None 
         batches = [(torch.zeros(1, *input_shape), torch.zeros(1, dtype=torch.long))]
     device = next(model.parameters()).device
     batches = [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
-    computed = [compute_score(model, name, batches, params, density=density, seed=seed, scope=scope) for name in names]
+    computed = [compute_score(model, name, batches, params, density=density, seed=seed, scope=scope, mode=score_mode)
+                for name in names]
     plan = select_with(preset.selector, computed, density, scope, mode,
                        {"gamma": gamma} if "gamma" in selector.defaults else {}, names)
     plan.masks = {name: mask.to(device) for name, mask in plan.masks.items()}

@@ -68,6 +68,22 @@ def test_a_finished_run_written_before_a_config_key_existed_is_still_recognised(
     assert code == 2 and "different config" in err
 
 
+def test_a_run_written_before_score_mode_existed_is_recognised_as_scored_in_train_mode(tmp_path, capsys):
+    out = tmp_path / "old"
+    args = ["train", *QUICK, "--density", "0.1", "--out", str(out)]
+    assert run_cli([*args, "--score-mode", "train"], capsys)[0] == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["score_mode"] == "train"
+    del stored["score_mode"]  # as written by a version without --score-mode, which scored in train mode
+    (out / "config.json").write_text(json.dumps(stored))
+    code, _, err = run_cli([*args, "--score-mode", "train"], capsys)
+    assert code == 0 and "nothing to do" in err
+    code, _, err = run_cli(args, capsys)  # the default is now eval mode: another experiment
+    assert code == 2 and "different config" in err
+    code, _, err = run_cli([*args, "--score-mode", "test"], capsys)
+    assert code == 2 and "'test' is not one of 'eval', 'train'" in err
+
+
 def test_resume_after_interruption_ends_with_the_uninterrupted_weights(tmp_path, capsys, monkeypatch):
     args = ["--model", "lenet300", "--data", "synthetic", "--subset", "256", "--epochs", "3", "--batch-size", "64",
             "--quiet", "--method", "freezenet", "--density", "0.1"]

@@ -204,12 +204,61 @@ def test_dropout_during_scoring_is_seeded_and_the_caller_rng_is_untouched():
     batches = batch()
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = score(model, "snip", batches, seed=4)
+    first = score(model, "snip", batches, seed=4, mode="train")
     assert torch.equal(torch.get_rng_state(), state)
-    second = score(model, "snip", batches, seed=4)
-    other = score(model, "snip", batches, seed=5)
+    second = score(model, "snip", batches, seed=4, mode="train")
+    other = score(model, "snip", batches, seed=5, mode="train")
     assert all(torch.equal(first[p], second[p]) for p in first)
     assert any(not torch.equal(first[p], other[p]) for p in first)  # dropout did act, with another seed
+    evaluated = [score(model, "snip", batches, seed=seed) for seed in (4, 5)]  # eval mode: no dropout
+    assert all(torch.equal(evaluated[0][p], evaluated[1][p]) for p in first)
+
+
+def _reference_snip(model, batches, params, training: bool):
+    """SNIP as its reference computes it: the network in the given mode, |theta * dL/dtheta| over the sum."""
+    model = copy.deepcopy(model).train(training)
+    weights = [model.get_parameter(p) for p in params]
+    grads = [torch.zeros_like(w) for w in weights]
+    for inputs, labels in batches:
+        for acc, g in zip(grads, torch.autograd.grad(F.cross_entropy(model(inputs), labels), weights)):
+            acc += g
+    raw = [(w.detach() * g).abs() for w, g in zip(weights, grads)]
+    total = sum(r.sum() for r in raw)
+    return {p: r / total for p, r in zip(params, raw)}
+
+
+def _reference_grasp(model, batches, params, training: bool):
+    """theta * (H g) with the logits over GraSP's temperature, the network in the given mode."""
+    model = copy.deepcopy(model).train(training)
+    weights = [model.get_parameter(p) for p in params]
+    inputs, labels = batches[0]
+    g = torch.autograd.grad(F.cross_entropy(model(inputs) / TEMPERATURE, labels), weights)
+    first = torch.autograd.grad(F.cross_entropy(model(inputs) / TEMPERATURE, labels), weights, create_graph=True)
+    hg = torch.autograd.grad(sum((f * gi).sum() for f, gi in zip(first, g)), weights)
+    return {p: w.detach() * h for p, w, h in zip(params, weights, hg)}
+
+
+@pytest.mark.parametrize("name, reference", [("snip", _reference_snip), ("grasp", _reference_grasp)])
+def test_snip_and_grasp_score_a_batchnorm_network_in_eval_mode_by_default_as_the_references(name, reference):
+    model = tiny_cnn()
+    with torch.no_grad():  # running statistics unlike any batch's, so that the two modes differ
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    batches = batch(shape=(1, 6, 6), n=8)
+    params = ["0.weight", "4.weight"]
+    default = score(model, name, batches, params)
+    trained = score(model, name, batches, params, mode="train")
+    for mode_scores, training in ((default, False), (trained, True)):
+        expected = reference(model, batches, params, training)
+        for p in params:
+            assert torch.allclose(mode_scores[p], expected[p], rtol=1e-5, atol=1e-9), (name, training, p)
+    assert not torch.allclose(default["0.weight"], trained["0.weight"], rtol=1e-3)  # BatchNorm: the modes differ
+    assert torch.equal(model[1].running_mean, torch.full((3,), 0.3))  # the caller's model is untouched
+
+
+def test_an_unknown_score_mode_is_a_user_error():
+    with pytest.raises(UserError, match="unknown score mode 'test'"):
+        score(tiny_mlp(), "snip", batch(), mode="test")
 
 
 def test_context_generator_is_seeded_by_seed_and_score_name():

@@ -47,19 +47,20 @@ def test_the_full_plan_has_every_model_method_density_and_seed(sweep):
     assert {r.density for r in lenet} == {1.0, *sweep.LENET_DENSITIES}
     assert all("subset" not in r.options and r.options["epochs"] == 10 for r in lenet)
     resnet = sweep.plan_runs(["resnet"], 3, 10, None, 10, 5000)
-    assert len(resnet) == 3 * (1 + 3 * 2 * 3 + 3) == 66  # + synflow-composed, interspace only
+    assert len(resnet) == 3 * (1 + 3 * 2 * 3 + 3 * 3 + 3) == 93  # + snip/grasp score modes, synflow-composed (ip)
+    score_modes = {r.method: r.options.get("score_mode") for r in resnet}
+    assert score_modes["snip-eval"] == "eval" and score_modes["grasp"] == "train" and score_modes["snip"] is None
     assert {r.method for r in resnet} == {"dense", "snip", "snip+ip", "synflow", "synflow+ip", "freezenet", "freezenet+ip",
-                                          "synflow-composed+ip"}
+                                          "synflow-composed+ip", "snip-eval", "grasp", "grasp-eval"}
     assert all(r.options["interspace"] == r.method.endswith("+ip") for r in resnet if r.method != "dense")
     assert all(r.options["subset"] == 5000 and r.options["eval_every"] == 10 for r in resnet)
     assert len({r.path for r in lenet + resnet}) == len(lenet + resnet)
 
 
-def test_every_planned_run_is_a_valid_training_config(sweep):
-    from compress.config import build_config
-
-    for run in sweep.plan_runs(["lenet", "resnet"], 1, 10, None, 10, 5000):
-        build_config(None, {"model": run.model, "seed": run.seed, **run.options}).resolved()
+def test_every_planned_run_is_a_valid_training_config_scoring_as_the_recorded_rows(sweep):
+    for run in sweep.plan_runs(["lenet", "lottery", "dynamic", "cops", "long", "resnet"], 1, 10, None, 10, 5000):
+        config = sweep.run_config(run, "cpu").resolved()
+        assert config.score_mode == ("eval" if run.method.endswith("-eval") else "train"), run.path
 
 
 def test_the_record_round_trips_and_a_foreign_csv_is_refused(sweep, tmp_path):
@@ -179,7 +180,7 @@ def test_estimate_uses_recorded_times_of_the_same_model_and_settings(sweep):
 def test_dry_run_lists_what_is_left_and_bad_arguments_are_refused(sweep, tmp_path, capsys):
     sweep.main(["--dry-run", "--part", "resnet", "--only-seed", "2", "--results", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "22 runs planned, 0 recorded, 22 to run" in out and "resnet/resnet20/snip+ip/d0.02/s2" in out
+    assert "31 runs planned, 0 recorded, 31 to run" in out and "resnet/resnet20/snip+ip/d0.02/s2" in out
     sweep.main(["--dry-run", "--part", "resnet", "--methods", "snip+ip,dense", "--densities", "0.02,1",
                 "--results", str(tmp_path)])
     listed = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compress.config import RunConfig, config_from_dict
+from compress.config import RunConfig, stored_run_config
 from compress.run.lock import RunLock
 from compress.run.pipeline import log, prepare
 from compress.run.rundir import CONFIG_FILE, MASKS_FILE, SUMMARY_FILE, level_directory, read_json_object
@@ -50,6 +50,6 @@ def read_run_config(run_dir: Path, shown: str | Path) -> RunConfig:
     fix = f"restore it, or start a new run with --out {shown} --overwrite and the run's options"
     values = read_json_object(path, fix)
     try:
-        return config_from_dict(values, source=str(path)).resolved()
+        return stored_run_config(values, source=str(path)).resolved()
     except (ValueError, TypeError) as error:
         raise UserError(f"{path} does not hold a valid run config ({' '.join(str(error).split())}); {fix}") from None

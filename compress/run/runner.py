@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from compress.config import RunConfig, config_from_dict
+from compress.config import RunConfig, stored_run_config
 from compress.init import initial_values
 from compress.run.checkpoint import save_checkpoint, write_metrics
 from compress.run.pipeline import Prepared, log, prepare
@@ -108,7 +108,7 @@ def same_config(stored: dict, resolved: RunConfig) -> bool:
     """Whether a stored config.json describes ``resolved``; keys added since it was written take defaults,
     and runtime options (the device) do not count."""
     try:
-        stored_resolved = config_from_dict(stored).resolved()
+        stored_resolved = stored_run_config(stored).resolved()
     except (ValueError, TypeError):
         return False
 

@@ -21,6 +21,10 @@ from compress.selection import SCOPES, check_choice
 from compress.training import derived_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# The mode the network is in while a data-dependent score (SNIP, GraSP) runs it: eval, as the references
+# (Synaptic-Flow's prune_loop, snip-public's is_train=False), so BatchNorm uses its running statistics and
+# dropout is off; train uses each scoring batch's own statistics.
+SCORE_MODES = ("eval", "train")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: masks hold tensors, which do not compare to a bool
@@ -36,6 +40,7 @@ class ScoreContext:
     masks: dict[str, torch.Tensor] | None = None
     seed: int = 0
     name: str = ""  # the score's name, which keys its random streams
+    mode: str = "eval"  # SCORE_MODES: the network's mode while a data-dependent score runs it
 
     def generator(self) -> torch.Generator:
         """A fresh CPU generator seeded from ``seed`` and the score's name."""
@@ -73,12 +78,14 @@ def score(
     seed: int = 0,
     scope: str = "global",
     masks: dict[str, torch.Tensor] | None = None,
+    mode: str = "eval",
 ) -> dict[str, torch.Tensor]:
     """Score the compressible parameters of ``model`` with the registered score ``name``.
 
     ``batches`` are (inputs, labels) pairs (data-free scores ignore them); ``density`` and ``scope``
     are the target, used only by iterative scores (SynFlow); ``seed`` drives random scores and
-    dropout; ``masks`` are the current masks (entries outside them score 0). Returns float32 CPU tensors.
+    dropout; ``masks`` are the current masks (entries outside them score 0); ``mode`` (``SCORE_MODES``)
+    is the network's mode while SNIP or GraSP run it. Returns float32 CPU tensors.
     """
     function = SCORES.get(name)
     batches = list(batches)
@@ -90,8 +97,9 @@ def score(
     if density is not None and not 0.0 < density <= 1.0:
         raise UserError(f"density must be in (0, 1], got {density}")
     check_choice("scope", scope, SCOPES)
+    check_choice("score mode", mode, SCORE_MODES)
     check_masks(masks, params, known)
-    context = ScoreContext(density, scope, masks, seed, name)
+    context = ScoreContext(density, scope, masks, seed, name, mode)
     devices = cuda_devices(model)
     with torch.random.fork_rng(devices=devices):  # seed only what is forked, so all of it is restored
         rng_seed = derived_seed(seed, "score-rng", name)

@@ -15,10 +15,12 @@ from compress.scores.snip import loss_gradients
 TEMPERATURE = 200.0
 
 
-def hessian_gradient_product(model, batches, params, temperature: float = TEMPERATURE) -> list[torch.Tensor]:
-    """H g for the loss on ``batches`` with logits / ``temperature``, where g is that loss's gradient."""
+def hessian_gradient_product(model, batches, params, temperature: float = TEMPERATURE,
+                             mode: str = "eval") -> list[torch.Tensor]:
+    """H g for the loss on ``batches`` with logits / ``temperature``, where g is that loss's gradient, the
+    model in ``mode`` (see ``loss_gradients``)."""
     weights = parameters_by_name(model, params)
-    grad = loss_gradients(model, batches, params, temperature)
+    grad = loss_gradients(model, batches, params, temperature, mode)  # leaves the model in ``mode``
     product = [torch.zeros_like(w) for w in weights]
     for inputs, labels in batches:
         loss = F.cross_entropy(model(inputs) / temperature, labels)
@@ -37,5 +39,5 @@ def grasp_score(model, batches, params, context):
     """theta * (H g): the negated GraSP score, so the top-k is the set the reference keeps."""
     require_batches("grasp", batches)
     weights = parameters_by_name(model, params)
-    hg = hessian_gradient_product(model, batches, params)
+    hg = hessian_gradient_product(model, batches, params, mode=context.mode)
     return {p: w.detach() * h for p, w, h in zip(params, weights, hg)}

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from compress.scores import SCORES, parameters_by_name, require_batches
 
 
-def loss_gradients(model, batches, params, temperature: float = 1.0) -> list[torch.Tensor]:
-    """dL/dtheta of the summed mean cross-entropy of logits / ``temperature`` over ``batches``, model in
-    train mode (as the references)."""
+def loss_gradients(model, batches, params, temperature: float = 1.0, mode: str = "eval") -> list[torch.Tensor]:
+    """dL/dtheta of the summed mean cross-entropy of logits / ``temperature`` over ``batches``, the model in
+    ``mode`` (eval by default, as the references: BatchNorm on its running statistics, no dropout)."""
     weights = parameters_by_name(model, params)
-    model.train()
+    model.train(mode == "train")
     total = [torch.zeros_like(w) for w in weights]
     for inputs, labels in batches:
         loss = F.cross_entropy(model(inputs) / temperature, labels)
@@ -27,7 +27,7 @@ def snip_score(model, batches, params, context):
     top-k)."""
     require_batches("snip", batches)
     weights = parameters_by_name(model, params)
-    grads = loss_gradients(model, batches, params)
+    grads = loss_gradients(model, batches, params, mode=context.mode)
     raw = [context.restrict(p, (w.detach() * g).abs()) for p, w, g in zip(params, weights, grads)]
     total = sum(float(r.sum()) for r in raw)
     scale = 1.0 / total if total > 0 else 1.0

@@ -75,6 +75,14 @@ RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, 
 # SynFlow through the absolute composed filters |lam F| of interspace layers (on standard layers it is synflow):
 # interspace only, beside synflow+ip, whose |lam| |F| is the reference code's linearisation.
 RESNET_IP_ONLY_METHODS = {"synflow-composed": {"method": "synflow", "score": "synflow-composed"}}
+# SNIP and GraSP score in eval mode by default (as the references), but every run recorded before --score-mode
+# existed scored in train mode, and a run of the sweep still does unless its options say otherwise
+# (RECORDED_SCORE_MODE), so recorded rows stay valid. These runs score resnet20 (BatchNorm: the modes differ) in
+# eval mode, to compare with the train-mode rows of snip (issue 17).
+RECORDED_SCORE_MODE = "train"
+RESNET_SCORE_MODE_METHODS = {"snip-eval": {"method": "snip", "score_mode": "eval"},
+                             "grasp": {"method": "grasp", "score_mode": "train"},
+                             "grasp-eval": {"method": "grasp", "score_mode": "eval"}}
 # Lottery tickets: one IMP run per model, mode and seed prunes half the remaining weights per level down to the
 # target; every level (trained `epochs` epochs, like one at-init run) is a row at its density.
 LOTTERY_METHODS = {"imp": {"method": "imp", "prune_fraction": 0.5},
@@ -196,6 +204,10 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                         name = f"{label}{'+ip' if interspace else ''}"
                         runs.append(Run("resnet", "resnet20", name, density, seed,
                                         {**resnet_common, **options, "density": density, "interspace": interspace}))
+            for label, options in RESNET_SCORE_MODE_METHODS.items():
+                for density in resnet_densities:
+                    runs.append(Run("resnet", "resnet20", label, density, seed,
+                                    {**resnet_common, **options, "density": density, "interspace": False}))
             for label, options in RESNET_IP_ONLY_METHODS.items():
                 for density in resnet_densities:
                     runs.append(Run("resnet", "resnet20", f"{label}+ip", density, seed,
@@ -251,13 +263,12 @@ def execute(run: Run, root: Path, threads: int, device: str = "auto") -> dict:
     import torch
 
     import formats
-    from compress.config import build_config
     from compress.packing import pack_run
     from compress.run import CONFIG_FILE, SUMMARY_FILE, resume_run, train_run
 
     torch.set_num_threads(threads)
     out = root / run.path
-    config = build_config(None, {"model": run.model, "seed": run.seed, **run.options, "device": device})
+    config = run_config(run, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "a", encoding="utf-8") as log, redirect_stderr(log):
         same = (out / CONFIG_FILE).is_file() and _same_run(out, config)
@@ -303,6 +314,14 @@ def level_row(run: Run, out: Path, summary: dict, level: dict, threads: int) -> 
         "seconds": round(cost, 1), "threads": summary.get("threads", threads), "torch": summary["torch"],
         "device": summary.get("device", "cpu"),
     }
+
+
+def run_config(run: Run, device: str):
+    """The training config of a run: its options, scoring in RECORDED_SCORE_MODE unless they say otherwise."""
+    from compress.config import build_config
+
+    return build_config(None, {"model": run.model, "seed": run.seed, "score_mode": RECORDED_SCORE_MODE,
+                               **run.options, "device": device})
 
 
 def _same_run(out: Path, config) -> bool:
