@@ -144,7 +144,7 @@ def main() -> None:
                          (("values", "value_bytes"), ("mask", "mask_bytes"), ("dense", "dense_bytes"),
                           ("header", "header_bytes"))}
                 print(f"{'  bits per trained':<22} " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
-                      + f" (total {8 * len(data) / trained:.2f})")
+                      + f" (total {8 * len(data) / trained:.2f}; header {totals['header_bytes']:,} B)")
                 result = info["schema"]["manifest"].get("eval")
                 if result:
                     print(f"{'  int8 accuracy':<22} packed {result['test_acc_packed']:.2%} against "
