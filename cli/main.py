@@ -172,7 +172,9 @@ def cli():
 @click.option("--resume", type=click.Path(), help="Continue the interrupted run in this directory from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory given by --out. Only a run "
               "directory of compress holding nothing but its own files is replaced; any other folder is refused.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress. Without it: a bar per epoch (and for SynFlow's rounds) on "
+              "a terminal; elsewhere (CI, nohup, a scheduler's log) a line with the step, samples/s and ETA every "
+              "30 s, or every COMPRESS_PROGRESS_SECONDS seconds.")
 def train(config_file, out, resume, overwrite, quiet, **options):
     """Initialise from a seed, score, select, and train with the selection enforced."""
     from compress.run import train_from_options

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import click
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.progress import track
 from compress.selection import Plan
 from formats.errors import UserError
 
@@ -318,9 +317,7 @@ def train(
             loss_sum, seen, updates = 0.0, 0, []
             batches = data.train.batches(settings.batch_size, shuffle=True, generator=shuffle, train=True)
             label = f"epoch {epoch + 1}/{settings.epochs}"
-            with click.progressbar(
-                batches, length=steps_per_epoch, label=label, file=sys.stderr, show_eta=True
-            ) if progress else _plain(batches) as bar:
+            with track(batches, steps_per_epoch, label, enabled=progress, count=lambda batch: len(batch[1])) as bar:
                 for step_in_epoch, (inputs, labels) in enumerate(bar):
                     lr = settings.lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch)
                     for group in optimizer.param_groups:
@@ -368,16 +365,3 @@ def _fast_cpu_layout(model: nn.Module, device: torch.device, allowed: bool = Tru
     finally:
         if change:
             model.to(memory_format=torch.contiguous_format)
-
-
-class _plain:
-    """A context manager around an iterable, standing in for a progress bar when progress is off."""
-
-    def __init__(self, iterable):
-        self.iterable = iterable
-
-    def __enter__(self):
-        return self.iterable
-
-    def __exit__(self, *exc):
-        return False

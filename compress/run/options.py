@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from compress.config import build_config
+from compress.progress import log_interval
 from compress.run.pipeline import plan_run
 from compress.run.resume import resume_run
 from compress.run.rundir import CONFIG_FILE
@@ -23,6 +24,8 @@ def train_from_options(
     progress: bool = True,
 ) -> dict:
     """What ``compress train`` does: resume ``resume``, or build the config and train into ``out``."""
+    if progress:
+        log_interval()  # a bad COMPRESS_PROGRESS_SECONDS is refused before anything is written
     given = {k: v for k, v in overrides.items() if v is not None and k != "device"}
     if resume is not None:
         if out is not None or config_file is not None or given or overwrite:

@@ -200,7 +200,7 @@ def prepare(config: RunConfig, *, quiet: bool = False, masks: dict[str, torch.Te
             log(f"scoring {len(params)} parameters with {' and '.join(names)} ...")
         started = time.perf_counter()
         scores = [compute_scores(model, name, batches, params, density=density, seed=config.seed, scope=config.scope,
-                                 mode=config.score_mode) for name in names]
+                                 mode=config.score_mode, progress=not quiet) for name in names]
         plan = select_with(config.selector, scores, density, config.scope, config.mode,
                            config.selector_options(config), names)
         seconds = time.perf_counter() - started

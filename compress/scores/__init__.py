@@ -41,6 +41,7 @@ class ScoreContext:
     seed: int = 0
     name: str = ""  # the score's name, which keys its random streams
     mode: str = "eval"  # SCORE_MODES: the network's mode while a data-dependent score runs it
+    progress: bool = False  # show the progress of long scores (SynFlow's rounds) on stderr
 
     def generator(self) -> torch.Generator:
         """A fresh CPU generator seeded from ``seed`` and the score's name."""
@@ -79,13 +80,15 @@ def score(
     scope: str = "global",
     masks: dict[str, torch.Tensor] | None = None,
     mode: str = "eval",
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Score the compressible parameters of ``model`` with the registered score ``name``.
 
     ``batches`` are (inputs, labels) pairs (data-free scores ignore them); ``density`` and ``scope``
     are the target, used only by iterative scores (SynFlow); ``seed`` drives random scores and
     dropout; ``masks`` are the current masks (entries outside them score 0); ``mode`` (``SCORE_MODES``)
-    is the network's mode while SNIP or GraSP run it. Returns float32 CPU tensors.
+    is the network's mode while SNIP or GraSP run it; ``progress`` shows the rounds of iterative scores on
+    stderr (``compress.progress.track``). Returns float32 CPU tensors.
     """
     function = SCORES.get(name)
     batches = list(batches)
@@ -99,7 +102,7 @@ def score(
     check_choice("scope", scope, SCOPES)
     check_choice("score mode", mode, SCORE_MODES)
     check_masks(masks, params, known)
-    context = ScoreContext(density, scope, masks, seed, name, mode)
+    context = ScoreContext(density, scope, masks, seed, name, mode, progress)
     devices = cuda_devices(model)
     with torch.random.fork_rng(devices=devices):  # seed only what is forked, so all of it is restored
         rng_seed = derived_seed(seed, "score-rng", name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from compress.errors import UserError
 import torch
 
+from compress.progress import track
 from compress.scores import SCORES, parameters_by_name
 from compress.selection import top_k_masks
 from formats.interspace import InterspaceConv2d, interspace_weight
@@ -74,11 +75,21 @@ def _iterative(model, batches, params, context, composed: bool):
     weights = parameters_by_name(model, params)
     originals = [signed[p][0] if p in signed else w.detach().clone() for p, w in zip(params, weights)]
     start = [context.mask(p, w) for p, w in zip(params, weights)]
-    density = context.density
-    rounds = ROUNDS if density is not None and density < 1.0 else 1
-    masks = start
-    scores = None
-    for round_index in range(1, rounds + 1):
+    rounds = ROUNDS if context.density is not None and context.density < 1.0 else 1
+    with track(range(1, rounds + 1), rounds, f"scoring with {context.name}", enabled=context.progress and rounds > 1,
+               count=lambda _: 1, unit="rounds") as progress_rounds:
+        masks, scores = _rounds(model, params, input_shape, context, signed, weights, originals, start, rounds,
+                                progress_rounds)
+    # A per-layer count can exceed the entries still carrying flow: such survivors score the smallest
+    # positive float32, so that the top-k of the result (same scope) is exactly the iterative mask.
+    tiny = torch.finfo(torch.float32).tiny
+    return {p: torch.where(m, s.float().clamp(min=tiny), 0.0) for p, s, m in zip(params, scores, masks)}
+
+
+def _rounds(model, params, input_shape, context, signed, weights, originals, start, rounds, round_indices):
+    """SynFlow's rounds: score, then keep the top density^(round / rounds) of the live entries."""
+    masks, scores, density = start, None, context.density
+    for round_index in round_indices:
         current = [torch.where(mask | ~alive, original, 0.0) for original, mask, alive in zip(originals, masks, start)]
         with torch.no_grad():  # entries removed before scoring stay as they are in the model
             for p, w, value in zip(params, weights, current):
@@ -93,10 +104,7 @@ def _iterative(model, batches, params, context, composed: bool):
             ranked = {p: torch.where(m, s, -1.0) for p, s, m in zip(params, scores, masks)}
             selected = top_k_masks(ranked, density ** (round_index / rounds), context.scope)
             masks = [selected[p] & m for p, m in zip(params, masks)]
-    # A per-layer count can exceed the entries still carrying flow: such survivors score the smallest
-    # positive float32, so that the top-k of the result (same scope) is exactly the iterative mask.
-    tiny = torch.finfo(torch.float32).tiny
-    return {p: torch.where(m, s.float().clamp(min=tiny), 0.0) for p, s, m in zip(params, scores, masks)}
+    return masks, scores
 
 
 def composed_flow(model, params, input_shape, current: dict, signed: dict) -> list[torch.Tensor]:
