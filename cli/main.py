@@ -134,7 +134,8 @@ def strategy_options(function):
 def training_options(function):
     options = [
         click.option("--epochs", type=int, help="Training epochs [default: per model, 10 for LeNets, 30 for CNNs]."),
-        click.option("--batch-size", type=int, help="Training batch size [default: 128]."),
+        click.option("--batch-size", type=int, help="Training batch size [default: 128]; the global batch under "
+                     "torchrun, each of the N processes taking every N-th sample of it."),
         click.option("--lr", type=float, help="Peak learning rate [default: 0.05 for LeNets, 0.1 for CNNs]."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="sgd (with momentum) or adam [default: sgd]."),
         click.option("--momentum", type=float, help="SGD momentum [default: 0.9]."),

@@ -60,6 +60,7 @@ class RunConfig:
     on_collapse: str = "warn"
     seed: int = 0
     device: str = "auto"
+    world_size: int = 1  # processes that train the run together (torchrun); set from the environment
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -154,6 +155,11 @@ class RunConfig:
             if getattr(config, name) is None:
                 setattr(config, name, defaults.get(name, getattr(base, name)))
         config.train_settings().validate()
+        if isinstance(config.world_size, bool) or not isinstance(config.world_size, int) or config.world_size < 1:
+            raise UserError(f"world_size must be a positive integer, got {config.world_size!r}")
+        if config.batch_size < config.world_size:
+            raise UserError(f"--batch-size {config.batch_size} is the global batch, shared by the {config.world_size} "
+                            "processes: give at least one sample per process")
         if not isinstance(config.strategy_options, dict):
             raise UserError(f"strategy options must be a mapping of option names to values, got {config.strategy_options!r}")
         options = build_options(method.strategy, config.strategy_options)

@@ -21,7 +21,9 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from compress.distributed import agree, all_sum, broadcast_buffers, current_world
 from compress.progress import track
 from compress.selection import Plan
 from formats.errors import UserError
@@ -262,12 +264,19 @@ EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint: MaskConstraint,
                   inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float,
-                  gradients: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                  gradients: dict[str, torch.Tensor] | None = None, batch_total: int | None = None,
+                  world_size: int = 1) -> torch.Tensor:
     """One constrained step: forward, backward, mask the gradients, optimizer step; returns the loss.
 
     ``gradients``, when given, receives the dense loss gradients of the masked parameters (before masking).
+    Data parallel (``model`` a DistributedDataParallel, ``inputs`` this rank's shard of a global batch of
+    ``batch_total`` samples): the loss is the shard's summed cross-entropy over ``batch_total`` times the world
+    size, so that the ranks' averaged gradient is that of the global batch's mean loss, however it was split.
     """
-    loss = F.cross_entropy(model(inputs), labels)
+    if batch_total is None:
+        loss = F.cross_entropy(model(inputs), labels)
+    else:
+        loss = F.cross_entropy(model(inputs), labels, reduction="sum") * (world_size / batch_total)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if gradients is not None:
@@ -306,9 +315,14 @@ def train(
     if optimizer_state:
         load_optimizer_state(optimizer, model, optimizer_state)
     constraint.project()
+    world = current_world()
+    agree("masks", constraint.masks(), "at the start of training")
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     history = []
     with _fast_cpu_layout(model, device, channels_last) as fast_layout:
+        forward = model
+        if world.active:  # gradients averaged over the ranks during backward; the masks act after it
+            forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         for epoch in range(start_epoch, settings.epochs):
             started = time.perf_counter()
             torch.manual_seed(derived_seed(seed, "dropout", epoch))
@@ -322,21 +336,28 @@ def train(
                     lr = settings.lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                    batch_total = len(labels)
+                    if world.active and batch_total < world.size:  # a last batch too small to share: skipped
+                        continue
+                    inputs, labels = world.shard(inputs, labels)
                     inputs, labels = inputs.to(device), labels.to(device)
                     if fast_layout and inputs.dim() == 4:
                         inputs = inputs.contiguous(memory_format=torch.channels_last)
                     step = epoch * steps_per_epoch + step_in_epoch
                     due = mask_updater is not None and mask_updater.due(step)
                     gradients = {} if due else None
-                    loss = training_step(model, optimizer, constraint, inputs, labels, settings.weight_decay,
-                                         gradients)
+                    loss = training_step(forward, optimizer, constraint, inputs, labels, settings.weight_decay,
+                                         gradients, batch_total if world.active else None, world.size)
                     if due:
                         updates.append(mask_updater.update(step, constraint, optimizer, gradients))
+                        agree("masks", constraint.masks(), f"after the mask update at step {step}")
                     if on_step_end is not None:
                         on_step_end(step)
-                    loss_sum += float(loss.detach()) * len(labels)
+                    loss_sum += float(loss.detach()) * (batch_total / world.size if world.active else len(labels))
                     seen += len(labels)
             constraint.project()
+            broadcast_buffers(model)
+            loss_sum, seen = all_sum([loss_sum, seen])
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": lr}
             if mask_updater is not None:
                 metrics["mask_updates"] = updates
@@ -350,6 +371,7 @@ def train(
             history.append(metrics)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics, optimizer)
+    agree("weights", model.state_dict(), "at the end of training")
     return history
 
 

@@ -13,6 +13,7 @@ from compress.init import initialise
 from formats.interspace import to_interspace
 from formats.models import build_model
 from compress.params import compressible_parameters
+from compress.distributed import current_world
 from compress.scores import score as compute_scores
 from compress.selection import Plan, select_with
 from compress.training import derived_seed
@@ -50,7 +51,9 @@ class Prepared:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A line on stderr, from rank 0 only in a run of several processes (the ranks compute the same)."""
+    if current_world().rank == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_device(name: str) -> torch.device:
