@@ -137,12 +137,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def agree(what: str, tensors: dict[str, torch.Tensor], when: str) -> str:
-    """The digest of ``tensors``, after checking that every rank holds the same (a UserError naming the ranks
-    that differ otherwise). One process: just the digest."""
-    digest = tensors_digest(tensors)
+def agree(what: str, tensors: dict[str, torch.Tensor], when: str) -> None:
+    """Check that every rank holds the same ``tensors`` (their digests compared; a UserError naming the ranks
+    that differ otherwise). Nothing to check, and nothing hashed, in one process."""
     world = current_world()
     if world.active:
+        digest = tensors_digest(tensors)
         digests: list = [None] * world.size
         dist.all_gather_object(digests, digest)
         if len(set(digests)) > 1:
@@ -150,7 +150,6 @@ def agree(what: str, tensors: dict[str, torch.Tensor], when: str) -> str:
             raise UserError(f"the ranks hold different {what} {when} (ranks {differ} differ from rank 0): a "
                             "nondeterministic kernel on this device, or processes of different versions; train "
                             "with --device cpu, or in one process")
-    return digest
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
