@@ -17,7 +17,7 @@ from compress.scores import SCORES
 from compress.allocation import ALLOCATIONS
 from compress.selection import MODES, SCOPES
 from compress.strategies import STRATEGIES, option_fields
-from compress.training import OPTIMIZERS, SCHEDULES
+from compress.training import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 DENSITY_HELP = """
 \b
@@ -147,6 +147,10 @@ def training_options(function):
         click.option("--weight-decay", type=float, help="L2 weight decay; never touches pruned or frozen entries [default: 5e-4]."),
         click.option("--eval-every", type=int, help="Evaluate on the test set every N epochs; the last epoch is "
                                                      "always evaluated. Saves time on large test sets [default: 1]."),
+        click.option("--precision", type=click.Choice(PRECISIONS),
+                     help="Mixed precision: the forward and backward under autocast in bf16 or fp16 (fp16 with a "
+                          "dynamic loss scale), the weights kept in float32, the masks and the frozen values exact. "
+                          "For GPUs (bf16 also runs on CPUs, rarely faster) [default: fp32]."),
     ]
     for option in reversed(options):
         function = option(function)

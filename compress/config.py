@@ -73,6 +73,7 @@ class RunConfig:
     lr_decay: float | None = None
     weight_decay: float | None = None
     eval_every: int | None = None
+    precision: str | None = None  # fp32, bf16 or fp16 (autocast; weights, masks and frozen values stay exact)
     strategy_options: dict = field(default_factory=dict)  # the options of the method's strategy (--levels, ...)
     extras: dict = field(default_factory=dict)  # unused; kept so that config.json files that have it still load
 

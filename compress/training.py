@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -30,6 +30,10 @@ from formats.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -48,6 +52,7 @@ class TrainSettings:
     lr_decay: float = 0.1  # factor at each decay of "step" / "multistep"
     weight_decay: float = 5e-4
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch is always evaluated
+    precision: str = "fp32"  # PRECISIONS: the forward and backward under autocast; weights stay float32
 
     def validate(self) -> "TrainSettings":
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "step_size": self.step_size,
@@ -57,6 +62,8 @@ class TrainSettings:
                 raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"lr must be a positive number, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         if not 0 <= self.weight_decay < 1:
             raise UserError(f"weight-decay must be in [0, 1), got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
@@ -265,24 +272,36 @@ EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint: MaskConstraint,
                   inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float,
                   gradients: dict[str, torch.Tensor] | None = None, batch_total: int | None = None,
-                  world_size: int = 1) -> torch.Tensor:
+                  world_size: int = 1, precision: str = "fp32",
+                  scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One constrained step: forward, backward, mask the gradients, optimizer step; returns the loss.
 
     ``gradients``, when given, receives the dense loss gradients of the masked parameters (before masking).
     Data parallel (``model`` a DistributedDataParallel, ``inputs`` this rank's shard of a global batch of
     ``batch_total`` samples): the loss is the shard's summed cross-entropy over ``batch_total`` times the world
     size, so that the ranks' averaged gradient is that of the global batch's mean loss, however it was split.
+    ``precision`` bf16/fp16 runs the forward under autocast (the loss in float32); fp16 scales the loss with
+    ``scaler`` and unscales the gradients before they are masked, so masks and frozen values stay exact.
     """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    with torch.autocast(inputs.device.type, dtype) if dtype is not None else nullcontext():
+        logits = model(inputs)
     if batch_total is None:
-        loss = F.cross_entropy(model(inputs), labels)
+        loss = F.cross_entropy(logits.float(), labels)
     else:
-        loss = F.cross_entropy(model(inputs), labels, reduction="sum") * (world_size / batch_total)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") * (world_size / batch_total)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if gradients is not None:
         gradients.update(constraint.dense_gradients())
     constraint.mask_gradients(weight_decay)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        optimizer.step()
     return loss
 
 
@@ -301,6 +320,7 @@ def train(
     progress: bool = True,
     channels_last: bool = True,
     mask_updater: MaskUpdater | None = None,
+    loss_scale_state: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for the epochs ``start_epoch .. settings.epochs - 1``; returns metrics.
 
@@ -308,7 +328,8 @@ def train(
     ends with exactly the weights of an uninterrupted run (on CPU). ``channels_last=False`` keeps conv
     nets in NCHW layout on the CPU (the layout benchmark's baseline). ``mask_updater`` moves the masks
     after the steps it is due at (their dense gradients kept for it); its records go into the epoch's
-    metrics as ``mask_updates``.
+    metrics as ``mask_updates``. With ``settings.precision`` fp16 the loss scaler's state is in each epoch's
+    metrics (``loss_scale``); ``loss_scale_state`` (the last epoch's) restores it on resume.
     """
     settings.validate()
     optimizer = make_optimizer(model, settings, constraint.names)
@@ -317,6 +338,9 @@ def train(
     constraint.project()
     world = current_world()
     agree("masks", constraint.masks(), "at the start of training")
+    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    if scaler is not None and loss_scale_state:
+        scaler.load_state_dict(loss_scale_state)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     history = []
     with _fast_cpu_layout(model, device, channels_last) as fast_layout:
@@ -347,7 +371,8 @@ def train(
                     due = mask_updater is not None and mask_updater.due(step)
                     gradients = {} if due else None
                     loss = training_step(forward, optimizer, constraint, inputs, labels, settings.weight_decay,
-                                         gradients, batch_total if world.active else None, world.size)
+                                         gradients, batch_total if world.active else None, world.size,
+                                         settings.precision, scaler)
                     if due:
                         updates.append(mask_updater.update(step, constraint, optimizer, gradients))
                         agree("masks", constraint.masks(), f"after the mask update at step {step}")
@@ -361,6 +386,8 @@ def train(
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": lr}
             if mask_updater is not None:
                 metrics["mask_updates"] = updates
+            if scaler is not None:
+                metrics["loss_scale"] = scaler.state_dict()
             if settings.evaluates_after(epoch):
                 test = evaluate(model, data.test, settings.batch_size, device)
                 metrics.update(test_loss=test["loss"], test_acc=test["acc"])

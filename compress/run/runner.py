@@ -158,7 +158,8 @@ def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_ep
     try:
         train(model, prepared.data, config.train_settings(), constraint, seed=config.seed, device=prepared.device,
               start_epoch=start_epoch, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end,
-              on_step_end=on_step_end, progress=progress, mask_updater=mask_updater)
+              on_step_end=on_step_end, progress=progress, mask_updater=mask_updater,
+              loss_scale_state=history[-1].get("loss_scale") if history else None)
         if mask_updater is not None:
             final = constraint.masks()
             write_tensors(out / FINAL_MASKS_FILE, final, {"mode": prepared.plan.mode, "score": str(prepared.plan.score)})
