@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from compress.config import CONFIG_DEFAULTS, ON_COLLAPSE, SCORE_MODES
+from compress.config import AUGMENTS, CONFIG_DEFAULTS, ON_COLLAPSE, SCORE_MODES
 from compress.data import DATASETS
 from formats.interspace import BASES
 from compress.methods import METHODS
@@ -54,7 +54,14 @@ def selection_options(function):
         click.option("--data", help=f"Data set: {', '.join(n + (':PATH' if n == 'imagefolder' else '') for n in DATASETS.names())}. "
                      f"[default: {CONFIG_DEFAULTS['data']}]"),
         click.option("--data-root", help="Where data sets are looked for and cached [default: a per-user cache directory; /usr/share/datasets/<name> is searched too]."),
-        click.option("--data-shape", help="Input shape CxHxW for synthetic and imagefolder data, e.g. 3x32x32 [default: 1x28x28 for synthetic]."),
+        click.option("--data-shape", help="Input shape CxHxW for synthetic and imagefolder data, e.g. 3x32x32 "
+                     "[default: 1x28x28 for synthetic; for an image folder 1 or 3 channels as its images are, 32x32]."),
+        click.option("--workers", type=int, help="DataLoader processes that decode an image folder's batches while "
+                     "the model trains (imagefolder: images are read lazily, so memory does not grow with the "
+                     "folder); a runtime option, not part of the run's identity [default: 0, in this process]."),
+        click.option("--augment", type=click.Choice(AUGMENTS), help="Training augmentation for any data set: "
+                     "flip-crop (random crop of the image padded by an eighth of its height, horizontal flip of "
+                     "half the batch) or none [default: flip-crop for CIFAR, none otherwise]."),
         click.option("--num-classes", type=int, help="Class count for synthetic data [default: 10]."),
         click.option("--subset", type=int, help="Train on only the first N samples (after a seeded shuffle), for quick runs."),
         click.option("--val-split", type=float, help="Fraction of the training set held out for validation [default: 0]."),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.allocation import scope_of_allocation
+from compress.data.loading import AUGMENTS
 from formats.interspace import BASES
 from compress.methods import METHODS
 from formats.rng import check_seed
@@ -61,6 +62,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     world_size: int = 1  # processes that train the run together (torchrun); set from the environment
+    workers: int = 0  # DataLoader processes that decode an image folder's batches (a runtime option)
+    augment: str | None = None  # training augmentation: none or flip-crop (default: the data set's own)
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -133,6 +136,10 @@ class RunConfig:
         if config.basis_in_budget and strategy.multilevel:
             raise UserError("--basis-in-budget applies to at-init and dynamic methods; a lottery run's levels prune "
                             "by magnitude to their own targets")
+        if config.augment is not None and config.augment not in AUGMENTS:
+            raise UserError(f"unknown augmentation {config.augment!r}; known: {', '.join(AUGMENTS)}")
+        if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < 0:
+            raise UserError(f"workers must be a non-negative integer, got {config.workers!r}")
         if config.score_mode not in SCORE_MODES:
             raise UserError(f"unknown score mode {config.score_mode!r}; known: {', '.join(SCORE_MODES)}")
         for name in ("score_batches", "score_batch_size"):

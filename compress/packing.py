@@ -131,6 +131,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
         "trained_params": summary["trained_params"], "total_params": summary["total_params"],
         "test_acc": summary["test_acc"],
         "normalization": summary.get("normalization", {}),
+        **({"class_names": summary["class_names"]} if summary.get("class_names") else {}),
         **({"level": summary["level"], "strategy": summary.get("strategy")} if summary.get("level") is not None else {}),
         "config": {key: config.get(key) for key in MANIFEST_CONFIG_KEYS},
         "versions": {"compress": compress.__version__, "torch": torch.__version__.split("+")[0],

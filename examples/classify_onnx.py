@@ -5,12 +5,13 @@
     python examples/classify_onnx.py runs/f.onnx --idx /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 The normalisation (mean and std of the training data) is read from the model's metadata, which
-`compress export` writes. Prints one line per image: index or file, class, probability.
+`compress export` writes. Prints one line per image: index or file, class (and its name), probability.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,13 @@ def main() -> None:
     else:
         raise SystemExit("give image files or --idx FILE")
 
+    classes = json.loads(metadata.get("compress.class_names", "[]"))
     (logits,) = session.run(None, {session.get_inputs()[0].name: ((pixels - mean) / std).astype(np.float32)})
     for index, row in enumerate(softmax(logits)):
         label = names[index] if names else f"image {index}"
-        print(f"{label}: class {int(row.argmax())} (p = {row.max():.3f})")
+        best = int(row.argmax())
+        name = f" ({classes[best]})" if best < len(classes) else ""
+        print(f"{label}: class {best}{name} (p = {row.max():.3f})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python examples/classify_torch.py runs/f.cpk --idx /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --count 5
 
 Images are resized to the model's input shape, scaled to [0, 1] and normalised with the mean and std
-of the training data recorded in the artifact. Prints one line per image: index or file, class, probability.
+of the training data recorded in the artifact. Prints one line per image: index or file, class (and its name), probability.
 """
 from __future__ import annotations
 
@@ -63,12 +63,15 @@ def main() -> None:
     else:
         raise SystemExit("give image files or --idx FILE")
 
+    classes = info["schema"]["manifest"].get("class_names") or []  # recorded by compress train since 2026-12
     model = formats.load(args.artifact)
     with torch.no_grad():
         probabilities = torch.softmax(model(torch.from_numpy((pixels - mean) / std)), dim=1).numpy()
     for index, row in enumerate(probabilities):
         label = names[index] if names else f"image {index}"
-        print(f"{label}: class {int(row.argmax())} (p = {row.max():.3f})")
+        best = int(row.argmax())
+        name = f" ({classes[best]})" if best < len(classes) else ""
+        print(f"{label}: class {best}{name} (p = {row.max():.3f})")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ MAX_FILE_BYTES = 2**40
 MAX_INPUT_DIM = 2**16  # largest declared input channels, height or width
 MAX_INPUT_ELEMENTS = 2**24  # largest declared C * H * W
 MAX_DENSE_FP32_BYTES = 2**50
+MAX_CLASS_NAME = 200  # characters of one class name in the manifest
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -291,7 +292,7 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
     if architecture["model"] == CUSTOM:
         _require(version >= 3, "a custom architecture needs format version 3")
         _check_custom_architecture(architecture, schema["tensors"])
-        _check_manifest(schema["manifest"], None)
+        _check_manifest(schema["manifest"], None, None)
         _check_tensor_entries(schema, tensors)
         return
     shape = architecture.get("input_shape")
@@ -310,7 +311,7 @@ def _check_schema(schema, tensors: dict[str, StoredTensor]) -> None:
                  and spec["layers"] and all(isinstance(x, str) for x in spec["layers"])
                  and len(set(spec["layers"])) == len(spec["layers"]),
                  "architecture interspace must be {\"layers\": [distinct layer names]}")
-    _check_manifest(schema["manifest"], shape[0])
+    _check_manifest(schema["manifest"], shape[0], architecture["num_classes"])
     _check_tensor_entries(schema, tensors)
 
 
@@ -419,9 +420,15 @@ def _is_number(value, low: float, high: float) -> bool:
     return type(value) in (int, float) and low <= value <= high  # parse_json keeps floats finite
 
 
-def _check_manifest(manifest: dict, channels: int | None) -> None:
-    """The manifest is free-form, except the fields that readers use: ``test_acc`` (shown by ``info``)
-    and ``normalization`` (written into ONNX exports), checked so that no reader meets a bad value."""
+def _check_manifest(manifest: dict, channels: int | None, classes: int | None) -> None:
+    """The manifest is free-form, except the fields that readers use: ``test_acc`` (shown by ``info``),
+    ``normalization`` (written into ONNX exports) and ``class_names`` (printed by the examples), checked so that
+    no reader meets a bad value."""
+    names = manifest.get("class_names", [])
+    _require(isinstance(names, list) and all(isinstance(n, str) and len(n) <= MAX_CLASS_NAME for n in names)
+             and (len(names) == classes if classes is not None and names else len(names) <= 2**16),
+             f"manifest class_names must be a list of one name (at most {MAX_CLASS_NAME} characters) per class"
+             + (f" ({classes})" if classes is not None else ""))
     accuracy = manifest.get("test_acc")
     _require(accuracy is None or _is_number(accuracy, 0, 1),
              f"manifest test_acc must be null or a number in [0, 1], got {str(accuracy)[:40]}")

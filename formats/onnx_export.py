@@ -198,6 +198,8 @@ def export_onnx(
     for key in ("mean", "std"):
         if key in manifest.get("normalization", {}):
             metadata[f"compress.{key}"] = ",".join(repr(float(v)) for v in manifest["normalization"][key])
+    if isinstance(manifest.get("class_names"), list):
+        metadata["compress.class_names"] = json.dumps([str(name) for name in manifest["class_names"]])
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

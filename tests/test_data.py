@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from compress import data as D
+from compress.data import download, registry
 from compress.data import Split, load_data, read_idx
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -50,8 +51,8 @@ def write_mnist_like(d: pathlib.Path, n_train=50, n_test=20, gz=True, fill=None,
 def no_system(monkeypatch, tmp_path):
     """No /usr/share search and no download attempt (records the attempts instead)."""
     calls = []
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", [tmp_path / "no-system-dir"])
-    monkeypatch.setattr(D, "_download_torchvision", lambda cls, root: calls.append((cls, root)) or False)
+    monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", [tmp_path / "no-system-dir"])
+    monkeypatch.setattr(download, "_download_torchvision", lambda cls, root: calls.append((cls, root)) or False)
     return calls
 
 
@@ -114,8 +115,8 @@ def test_discovery_order(tmp_path, monkeypatch):
     root = tmp_path / "root"
     system = tmp_path / "system"
     write_mnist_like(system / "fashion-mnist", fill=9)
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", [system])
-    monkeypatch.setattr(D, "_download_torchvision", lambda *a: pytest.fail("no download expected"))
+    monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", [system])
+    monkeypatch.setattr(download, "_download_torchvision", lambda *a: pytest.fail("no download expected"))
     root.mkdir()
     assert int(load_data("fashion-mnist", root).train.x[0, 0, 0, 0]) == 9  # only the system copy
 
@@ -161,12 +162,12 @@ def test_download_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvd, "FashionMNIST", Failing)
     root = tmp_path / "new" / "root"
-    assert D._download_torchvision("FashionMNIST", root) is False
+    assert download._download_torchvision("FashionMNIST", root) is False
     assert not (tmp_path / "new").exists()  # directories it created are gone too
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
-    assert D._download_torchvision("FashionMNIST", existing) is False
+    assert download._download_torchvision("FashionMNIST", existing) is False
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
 
@@ -179,7 +180,7 @@ def test_download_success_moves_into_root(tmp_path, monkeypatch):
             (pathlib.Path(root) / "archive.tar.gz").write_bytes(b"x")
 
     monkeypatch.setattr(tvd, "FashionMNIST", Fake)
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", [])
+    monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", [])
     d = load_data("fashion-mnist", tmp_path / "cache")
     assert int(d.train.x[0, 0, 0, 0]) == 7
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["FashionMNIST"]
@@ -217,7 +218,7 @@ def test_cifar_loads_from_pickles(tmp_path, no_system, monkeypatch):
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} missing (Debian package dataset-fashion-mnist)")
 def test_real_fashion_mnist(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_download_torchvision", lambda *a: pytest.fail("no download expected"))
+    monkeypatch.setattr(download, "_download_torchvision", lambda *a: pytest.fail("no download expected"))
     d = load_data("fashion-mnist", tmp_path)  # empty root: found in /usr/share/datasets
     assert (len(d.train), len(d.test), d.num_classes, d.input_shape) == (60000, 10000, 10, (1, 28, 28))
     assert d.train.x.dtype == torch.uint8 and d.train.y.dtype == torch.int64
@@ -448,21 +449,21 @@ def test_imagefolder_carved_split(tmp_path):
     d = load_data(f"imagefolder:{tmp_path / 'pics'}")
     assert d.num_classes == 3 and d.input_shape == (3, 32, 32)
     assert (len(d.train), len(d.test)) == (16, 4)  # 20% of every class
-    assert d.train.x.dtype == torch.uint8 and d.train.x.shape[1:] == (3, 32, 32)
+    assert d.train.images().dtype == torch.uint8 and d.train.images().shape[1:] == (3, 32, 32)
     assert d.test.y.bincount(minlength=3).tolist() == [1, 1, 2]
     # labels follow the red channel (40 * class)
-    assert torch.equal((d.train.x[:, 0].float().mean((1, 2)) / 40).round().long(), d.train.y)
+    assert torch.equal((d.train.images()[:, 0].float().mean((1, 2)) / 40).round().long(), d.train.y)
     # normalisation computed from the training images
-    xf = d.train.x.double() / 255
+    xf = d.train.images().double() / 255
     torch.testing.assert_close(torch.tensor(d.train.mean, dtype=torch.float64), xf.mean((0, 2, 3)))
     torch.testing.assert_close(
         torch.tensor(d.train.std, dtype=torch.float64), xf.permute(1, 0, 2, 3).flatten(1).std(1, unbiased=False)
     )
     # the carve does not depend on seed; subsets do
     d2 = load_data(f"imagefolder:{tmp_path / 'pics'}", seed=9)
-    assert torch.equal(d.test.x, d2.test.x)
+    assert torch.equal(d.test.images(), d2.test.images())
     g = load_data(f"imagefolder:{tmp_path / 'pics'}", shape=(1, 8, 12), num_classes=3)
-    assert g.input_shape == (1, 8, 12) and g.train.x.shape[1:] == (1, 8, 12) and len(g.train.mean) == 1
+    assert g.input_shape == (1, 8, 12) and g.train.images().shape[1:] == (1, 8, 12) and len(g.train.mean) == 1
     with pytest.raises(ValueError, match="num_classes"):
         load_data(f"imagefolder:{tmp_path / 'pics'}", num_classes=4)
 
@@ -474,7 +475,7 @@ def test_imagefolder_train_test_layout(tmp_path):
     d = load_data(f"imagefolder:{root}", shape=(3, 5, 7))
     assert (len(d.train), len(d.test), d.num_classes) == (7, 2, 2)
     assert d.test.y.tolist() == [1, 1]  # "b" keeps train's index
-    assert d.input_shape == (3, 5, 7) and d.test.x.shape == (2, 3, 5, 7)
+    assert d.input_shape == (3, 5, 7) and d.test.images().shape == (2, 3, 5, 7)
     x, y = next(d.train.batches(7))
     assert x.dtype == torch.float32 and x.shape == (7, 3, 5, 7)
 

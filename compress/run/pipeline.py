@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +80,18 @@ def load_run_data(config: RunConfig) -> Data:
         shape=tuple(config.data_shape) if config.data_shape else None,
         num_classes=config.num_classes,
         seed=config.seed,
+        augment=config.augment,
+        workers=config.workers,
     )
+
+
+def describe_data(data: Data) -> str:
+    """One line: the splits' sizes, the input shape and the classes."""
+    names = data.class_names()
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    val = f", {len(data.val):,} validation" if data.val is not None else ""
+    return (f"data {data.name}: {len(data.train):,} training{val} and {len(data.test):,} test images of "
+            f"{'x'.join(map(str, data.input_shape))}, {data.num_classes} classes ({shown})")
 
 
 def scoring_batches(data: Data, config: RunConfig, balanced: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,7 +111,7 @@ def scoring_batches(data: Data, config: RunConfig, balanced: bool) -> list[tuple
                            for b in range(config.score_batches) for members in by_class])
     else:
         order = order[: min(needed, len(split))]
-    subset = replace(split, x=split.x[order], y=split.y[order], augment=False)
+    subset = split.select(order, augment=False)
     batch_size = len(order) // config.score_batches or 1
     return list(subset.batches(batch_size))
 
@@ -187,6 +198,8 @@ def prepare(config: RunConfig, *, quiet: bool = False, masks: dict[str, torch.Te
     device = resolve_device(config.device)
     data = load_run_data(config)
     model, layers = initialised_model(config, data, config.seed)
+    if not quiet:  # after the model is built: a bad model name is the only line
+        log(describe_data(data))
     model.to(device)
     if density is not None and config.basis_in_budget:
         density = density_with_bases(config, model, layers, density)

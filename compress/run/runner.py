@@ -101,7 +101,7 @@ def write_level_files(directory: Path, plan, rows) -> None:
     write_metrics(directory, [])
 
 
-RUNTIME_KEYS = ("device",)  # how a run is executed, not what it is: never part of its identity
+RUNTIME_KEYS = ("device", "workers")  # how a run is executed, not what it is: never part of its identity
 
 
 def same_config(stored: dict, resolved: RunConfig) -> bool:

@@ -24,6 +24,8 @@ def make_summary(prepared: Prepared, history: list[dict], seconds: float) -> dic
         "normalization": {"mean": [float(v) for v in prepared.data.train.mean],
                           "std": [float(v) for v in prepared.data.train.std]},
         "num_classes": prepared.data.num_classes,
+        "class_names": prepared.data.class_names(),
+        "splits": {"train": len(prepared.data.train), "val": len(prepared.data.val or ()), "test": len(prepared.data.test)},
         "method": config.method,
         "score": plan.score if plan is not None else config.score,
         "mode": config.mode if plan is not None else "dense",
