@@ -46,3 +46,24 @@ def kill_9_when(args, appears: Path, log: Path, timeout: float = 120) -> None:
             if child.poll() is None:
                 child.kill()
                 child.wait(timeout=30)
+
+
+def interrupted_run(args, capsys, monkeypatch) -> tuple[int, str]:
+    """``compress ARGS`` stopped by Ctrl-C (KeyboardInterrupt) at the second epoch's test evaluation, after the
+    first epoch's checkpoint: (exit code, stderr)."""
+    import compress.training
+
+    real_evaluate, calls = compress.training.evaluate, []
+
+    def interrupt_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(compress.training, "evaluate", interrupt_in_second_epoch)
+    try:
+        code, _, err = run_cli(args, capsys)
+    finally:
+        monkeypatch.setattr(compress.training, "evaluate", real_evaluate)
+    return code, err

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import compress.training
-from cli_helpers import run_cli
+from cli_helpers import interrupted_run, run_cli
 
 QUICK = ["--model", "lenet300", "--data", "synthetic", "--subset", "256", "--epochs", "1", "--batch-size", "64",
          "--quiet"]
@@ -89,19 +88,9 @@ def test_resume_after_interruption_ends_with_the_uninterrupted_weights(tmp_path,
             "--quiet", "--method", "freezenet", "--density", "0.1"]
     assert run_cli(["train", *args, "--out", str(tmp_path / "full")], capsys)[0] == 0
 
-    real_evaluate, calls = compress.training.evaluate, []
-
-    def interrupt_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(compress.training, "evaluate", interrupt_in_second_epoch)
-    code, _, err = run_cli(["train", *args, "--out", str(tmp_path / "cut")], capsys)
+    code, err = interrupted_run(["train", *args, "--out", str(tmp_path / "cut")], capsys, monkeypatch)
     assert code == 130 and "--resume" in err
     assert not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.setattr(compress.training, "evaluate", real_evaluate)
 
     code, _, err = run_cli(["train", "--resume", str(tmp_path / "cut"), "--quiet"], capsys)
     assert code == 0, err

@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import compress
-import compress.training
-from cli_helpers import run_cli
+from cli_helpers import interrupted_run, run_cli
 from compress.config import build_config
 from compress.errors import UserError
 from formats.models import build_model
@@ -54,17 +53,7 @@ def test_an_fp16_run_resumed_after_an_interruption_carries_its_loss_scale_and_en
                                                                                             monkeypatch):
     args = ["train", *ARGS, "--epochs", "3", "--method", "freezenet", "--precision", "fp16"]
     assert run_cli([*args, "--out", tmp_path / "full"], capsys)[0] == 0
-    real_evaluate, calls = compress.training.evaluate, []
-
-    def interrupt_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(compress.training, "evaluate", interrupt_in_second_epoch)
-    assert run_cli([*args, "--out", tmp_path / "cut"], capsys)[0] == 130
-    monkeypatch.setattr(compress.training, "evaluate", real_evaluate)
+    assert interrupted_run([*args, "--out", tmp_path / "cut"], capsys, monkeypatch)[0] == 130
     code, _, err = run_cli(["train", "--resume", tmp_path / "cut", "--quiet"], capsys)
     assert code == 0, err
     full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
