@@ -29,6 +29,8 @@ BENCHMARKS = [
     ("strategy layer", "bench_strategy.py", True),
     ("dynamic sparse training", "bench_dynamic.py", True),
     ("artifact size vs compressors", "bench_artifact_size.py", True),
+    ("streaming image folders", "bench_streaming.py", True),
+    ("large-model memory", "bench_large_model.py", True),
 ]
 VERDICT = re.compile(r"^\s*(PASS|FAIL)\b[\s:]*(.+?)\s*$")
 
