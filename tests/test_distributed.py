@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -98,10 +97,18 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def _run(command, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``command`` in its own session; on timeout, kill the session (torchrun and its workers)."""
+def _scratch_root(cwd: Path) -> Path:
+    """The temporary directory of the processes a test starts (their TMPDIR): theirs alone."""
+    root = cwd / "tmp"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _run(command, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own session, with its own TMPDIR; on timeout, kill the session (torchrun and its
+    workers)."""
     process = subprocess.Popen([str(c) for c in command], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, env={**os.environ, **(env or {})})
+                               text=True, start_new_session=True, env={**os.environ, "TMPDIR": str(_scratch_root(cwd))})
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -115,8 +122,8 @@ def _run(command, cwd: Path, timeout: float = 240, env: dict | None = None) -> s
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
-def _no_scratch_left() -> bool:
-    return not any(Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*-*"))
+def _no_scratch_left(cwd: Path) -> bool:
+    return not any(_scratch_root(cwd).glob(f"{SCRATCH_PREFIX}*-*-*"))
 
 
 @pytest.mark.slow
@@ -144,7 +151,7 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     assert torch.equal(loaded, torch.where(trained, weights["fc1.weight"].half().float(), weights["fc1.weight"]))
     evaluated = _run([sys.executable, "-m", "compress", "eval", "ddp.cpk"], tmp_path)
     assert evaluated.returncode == 0 and "test accuracy" in evaluated.stdout, evaluated.stdout
-    assert _no_scratch_left()
+    assert _no_scratch_left(tmp_path)
 
 
 @pytest.mark.slow
@@ -154,7 +161,8 @@ def test_kill_9_of_one_rank_then_resume_finishes_bit_exactly(tmp_path):
     assert whole.returncode == 0, whole.stdout
     log = (tmp_path / "killed.log").open("w")
     launcher = subprocess.Popen([str(c) for c in (*TORCHRUN, "-m", "compress", "train", *args, "--out", "killed")],
-                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(_scratch_root(tmp_path))})
     try:
         deadline = time.monotonic() + 180
         while not (tmp_path / "killed" / "checkpoint.safetensors").exists():  # after the first epoch
@@ -176,8 +184,8 @@ def test_kill_9_of_one_rank_then_resume_finishes_bit_exactly(tmp_path):
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stdout
     final, expected = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
-    remove_stale_scratch()  # the killed rank's own scratch directory
-    assert _no_scratch_left()
+    remove_stale_scratch(str(_scratch_root(tmp_path)))  # the resumed rank 1 removed the killed one's already
+    assert _no_scratch_left(tmp_path)
 
 
 @pytest.mark.slow
