@@ -222,7 +222,7 @@ def plan(config_file, as_json, **options):
 @click.option("--level", type=int, help="For a run of levels (--method imp): the level to pack [default: the last].")
 @click.option("--layout", type=click.Choice(["compact", "plain"]), default="compact", show_default=True,
               help="compact (format version 5): the values entropy-coded and the header compressed, the smallest "
-                   "file; plain (versions 1 to 4): one safetensors tensor per stored tensor, about 30%% larger, "
+                   "file; plain (versions 1 to 4): one safetensors tensor per stored tensor, about 30% larger, "
                    "readable tensor by tensor with any safetensors tool. Both load alike.")
 def pack(run_dir, output, values, force, level, evaluate, layout):
     """Pack a finished run into one small artifact: trained values, coded masks, the seed.
