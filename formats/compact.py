@@ -167,5 +167,5 @@ def split_sections(stub: dict, payload) -> dict[str, memoryview]:
 
 def split_codes(section, lengths: list[int]) -> list[memoryview]:
     """The mask codes of the masks section, given their lengths (which the caller checked add up)."""
-    view, offsets = memoryview(section), [0, *np.cumsum(lengths).tolist()] if lengths else [0]
+    view, offsets = memoryview(section), np.cumsum([0, *lengths]).tolist()
     return [view[offsets[i] : offsets[i + 1]] for i in range(len(lengths))]
