@@ -17,6 +17,7 @@ from compress.scores import SCORES
 from compress.allocation import ALLOCATIONS
 from compress.selection import MODES, SCOPES
 from compress.strategies import STRATEGIES, option_fields
+from compress.engine import ENGINES
 from compress.training import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 DENSITY_HELP = """
@@ -144,7 +145,8 @@ def training_options(function):
         click.option("--batch-size", type=int, help="Training batch size [default: 128]; the global batch under "
                      "torchrun, each of the N processes taking every N-th sample of it."),
         click.option("--lr", type=float, help="Peak learning rate [default: 0.05 for LeNets, 0.1 for CNNs]."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="sgd (with momentum) or adam [default: sgd]."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS),
+                     help="sgd (with momentum), adam, or adamw (decoupled weight decay) [default: sgd]."),
         click.option("--momentum", type=float, help="SGD momentum [default: 0.9]."),
         click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD [default: no]."),
         click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule [default: cosine]."),
@@ -158,6 +160,13 @@ def training_options(function):
                      help="Mixed precision: the forward and backward under autocast in bf16 or fp16 (fp16 with a "
                           "dynamic loss scale), the weights kept in float32, the masks and the frozen values exact. "
                           "For GPUs (bf16 also runs on CPUs, rarely faster) [default: fp32]."),
+        click.option("--engine", type=click.Choice(ENGINES),
+                     help="How masked layers train. dense: every weight gradient is computed, then masked. sparse: "
+                          "each masked Linear/Conv weight trains as a vector of its trained entries (gradient formed "
+                          "there only, optimizer state a few percent of dense) with sparse kernels everywhere. auto: "
+                          "the sparse engine, with the sparse kernels only where the benchmark shows they pay "
+                          "(bench_engine.py). Engines agree to floating-point tolerance, not bit for bit; a resume "
+                          "keeps the run's engine [default: auto]."),
     ]
     for option in reversed(options):
         function = option(function)

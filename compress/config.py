@@ -77,6 +77,7 @@ class RunConfig:
     weight_decay: float | None = None
     eval_every: int | None = None
     precision: str | None = None  # fp32, bf16 or fp16 (autocast; weights, masks and frozen values stay exact)
+    engine: str | None = None  # dense, sparse or auto (compress.engine); part of the run, so a resume keeps it
     strategy_options: dict = field(default_factory=dict)  # the options of the method's strategy (--levels, ...)
     extras: dict = field(default_factory=dict)  # unused; kept so that config.json files that have it still load
 
@@ -211,8 +212,9 @@ CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f
 
 
 # Keys added after run directories were first written, with the value those runs had: a stored config.json
-# without one describes a run made that way (before --score-mode, SNIP and GraSP scored in train mode).
-STORED_RUN_DEFAULTS = {"score_mode": "train"}
+# without one describes a run made that way (before --score-mode, SNIP and GraSP scored in train mode; before
+# --engine, every run trained on the dense engine).
+STORED_RUN_DEFAULTS = {"score_mode": "train", "engine": "dense"}
 
 
 def stored_run_config(values: dict, source: str = "config") -> RunConfig:

@@ -7,7 +7,9 @@ zero: ``p - lr * 0 == p`` bit for bit, with SGD (momentum, Nesterov) and Adam al
 pass over each masked tensor per step (``torch.nn.utils.prune`` pays a masked copy in every forward
 and its backward). The parameters are also projected onto the plan (zero, or the seeded initial
 value) before training and after every epoch, a safety net that the tests show never changes a bit.
-The model itself stays a plain module.
+The model itself stays a plain module. That is the dense engine; ``compress.engine`` holds the sparse one, which
+trains each masked Linear/Conv weight as a vector of its trained entries (``train`` installs it for the duration
+when ``TrainSettings.engine`` asks for it).
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from compress.distributed import agree, all_sum, broadcast_buffers, current_world
+from compress.engine import ENGINES, INDEX_PREFIX, SparseEngine
 from compress.progress import track
 from compress.selection import Plan
 from formats.errors import UserError
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 
 
@@ -53,6 +56,7 @@ class TrainSettings:
     weight_decay: float = 5e-4
     eval_every: int = 1  # epochs between test-set evaluations; the last epoch is always evaluated
     precision: str = "fp32"  # PRECISIONS: the forward and backward under autocast; weights stay float32
+    engine: str = "auto"  # ENGINES: dense, or masked layers trained as vectors of their trained entries
 
     def validate(self) -> "TrainSettings":
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "step_size": self.step_size,
@@ -62,6 +66,8 @@ class TrainSettings:
                 raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"lr must be a positive number, got {self.lr!r}")
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         if not 0 <= self.weight_decay < 1:
@@ -167,6 +173,13 @@ class MaskConstraint:
                 param.grad.add_(param, alpha=weight_decay)
             param.grad.masked_fill_(untrained, 0.0)
 
+    @torch.no_grad()
+    def decay_trained(self, factor: float) -> None:
+        """p <- p * factor at the trained entries (AdamW's decoupled decay, before its step), nowhere else."""
+        for param, untrained, _ in self._entries:
+            if param.grad is not None:
+                param.mul_(torch.where(untrained, 1.0, factor))
+
     def dense_gradients(self) -> dict[str, torch.Tensor]:
         """Copies of the loss gradients of every masked parameter, untrained entries included (call after the
         backward pass and before ``mask_gradients``); zero for a parameter that got none."""
@@ -196,23 +209,33 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
             value.masked_fill_(where.to(value.device), 0)
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings, masked: list[str]) -> torch.optim.Optimizer:
-    """Masked parameters get weight decay through MaskConstraint.mask_gradients, the others here."""
+def make_optimizer(model: nn.Module, settings: TrainSettings, masked: list[str],
+                   engine: SparseEngine | None = None) -> torch.optim.Optimizer:
+    """Masked parameters get weight decay through MaskConstraint (an L2 term folded into the gradient, or AdamW's
+    decoupled decay at the trained entries), the others and the sparse engine's value vectors here."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     masked_set = set(masked)
     groups = [
         {"params": [p for n, p in named if n in masked_set], "weight_decay": 0.0},
         {"params": [p for n, p in named if n not in masked_set], "weight_decay": settings.weight_decay},
+        {"params": engine.values() if engine else [], "weight_decay": settings.weight_decay},
     ]
     groups = [g for g in groups if g["params"]]
     if settings.optimizer == "adam":
         return torch.optim.Adam(groups, lr=settings.lr)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
 
 
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as named tensors (``optimizer/<param>/<key>``), for safetensors."""
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module,
+                            engine: SparseEngine | None = None) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as named tensors (``optimizer/<param>/<key>``), for safetensors; the
+    sparse engine's state is a vector over the trained entries of ``<param>``, whose flat indices are
+    ``optimizer-index/<param>``."""
     names = {id(p): n for n, p in model.named_parameters()}
+    if engine:
+        names.update(engine.state_names())
     tensors = {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
@@ -220,6 +243,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) 
                 continue
             tensor = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"optimizer/{names[id(param)]}/{key}"] = tensor.detach().cpu().contiguous()
+    if engine and tensors:
+        tensors.update(engine.index_tensors())
     return tensors
 
 
@@ -232,16 +257,25 @@ def optimizer_state_keys(settings: TrainSettings) -> set[str]:
     return {key for key, value in optimizer.state[probe.weight].items() if value is not None}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]):
-    """Inverse of ``optimizer_state_tensors``."""
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor],
+                         engine: SparseEngine | None = None):
+    """Inverse of ``optimizer_state_tensors``; state of the wrong form for ``engine`` is a ``UserError``."""
     params = dict(model.named_parameters())
+    vectors = engine.parameters_by_name() if engine else {}
+    for name, layer in (engine.layers.items() if engine else ()):
+        index = tensors.get(INDEX_PREFIX + name)
+        has_state = any(key.startswith(f"optimizer/{name}/") for key in tensors)
+        if has_state and (index is None or not torch.equal(index.to(layer.index.device, torch.int64), layer.index)):
+            raise UserError(f"the checkpoint's optimizer state of {name} is not over its trained entries (it was "
+                            f"written by another engine, or is damaged): resume with the run's own --engine, or "
+                            f"start a new run with --overwrite")
     for key, value in tensors.items():
         if not key.startswith("optimizer/"):
             continue
         name, state_key = key[len("optimizer/") :].rsplit("/", 1)
         if name not in params:
             raise ValueError(f"checkpoint has optimizer state for unknown parameter {name}")
-        param = params[name]
+        param = vectors.get(name, params[name])
         device = "cpu" if state_key == "step" else param.device
         optimizer.state[param][state_key] = value.to(device)
 
@@ -266,14 +300,15 @@ def evaluate(model: nn.Module, split, batch_size: int, device: torch.device) -> 
     return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
 
 
-EpochCallback = Callable[[int, dict, torch.optim.Optimizer], None]
+EpochCallback = Callable[[int, dict, dict[str, torch.Tensor]], None]  # epoch, metrics, optimizer state tensors
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint: MaskConstraint,
                   inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float,
                   gradients: dict[str, torch.Tensor] | None = None, batch_total: int | None = None,
                   world_size: int = 1, precision: str = "fp32",
-                  scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                  scaler: torch.amp.GradScaler | None = None, engine: SparseEngine | None = None,
+                  decoupled_decay: float = 0.0) -> torch.Tensor:
     """One constrained step: forward, backward, mask the gradients, optimizer step; returns the loss.
 
     ``gradients``, when given, receives the dense loss gradients of the masked parameters (before masking).
@@ -282,7 +317,12 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint
     size, so that the ranks' averaged gradient is that of the global batch's mean loss, however it was split.
     ``precision`` bf16/fp16 runs the forward under autocast (the loss in float32); fp16 scales the loss with
     ``scaler`` and unscales the gradients before they are masked, so masks and frozen values stay exact.
+    ``engine`` (the sparse engine, installed in ``model``) forms the weight gradients of its layers as vectors, is
+    asked for their dense gradients when ``gradients`` is given, and writes the stepped values back into the
+    weights. ``decoupled_decay`` (AdamW's lr x weight decay) shrinks the trained entries of the masked parameters.
     """
+    if engine:
+        engine.capture(gradients is not None)
     dtype = AUTOCAST_DTYPES.get(precision)
     with torch.autocast(inputs.device.type, dtype) if dtype is not None else nullcontext():
         logits = model(inputs)
@@ -292,16 +332,25 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint
         loss = F.cross_entropy(logits.float(), labels, reduction="sum") * (world_size / batch_total)
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    if engine and batch_total is not None and world_size > 1:
+        engine.all_reduce_gradients(world_size)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if gradients is not None:
         gradients.update(constraint.dense_gradients())
+        if engine:
+            gradients.update(engine.dense_gradients())
+            engine.capture(False)
     constraint.mask_gradients(weight_decay)
+    if decoupled_decay:
+        constraint.decay_trained(1.0 - decoupled_decay)
     if scaler is not None:
         scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
         scaler.update()
     else:
         optimizer.step()
+    if engine:
+        engine.write_back()
     return loss
 
 
@@ -329,23 +378,29 @@ def train(
     nets in NCHW layout on the CPU (the layout benchmark's baseline). ``mask_updater`` moves the masks
     after the steps it is due at (their dense gradients kept for it); its records go into the epoch's
     metrics as ``mask_updates``. With ``settings.precision`` fp16 the loss scaler's state is in each epoch's
-    metrics (``loss_scale``); ``loss_scale_state`` (the last epoch's) restores it on resume.
+    metrics (``loss_scale``); ``loss_scale_state`` (the last epoch's) restores it on resume. ``settings.engine``
+    picks the engine (``compress.engine``); ``on_epoch_end`` gets the optimizer state as named tensors.
     """
     settings.validate()
-    optimizer = make_optimizer(model, settings, constraint.names)
-    if optimizer_state:
-        load_optimizer_state(optimizer, model, optimizer_state)
+    constraint.follow_devices()
     constraint.project()
+    engine = SparseEngine.build(settings.engine, model, constraint, device)
     world = current_world()
     agree("masks", constraint.masks(), "at the start of training")
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     if scaler is not None and loss_scale_state:
         scaler.load_state_dict(loss_scale_state)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
+    coupled_decay = 0.0 if settings.optimizer == "adamw" else settings.weight_decay
     history = []
-    with _fast_cpu_layout(model, device, channels_last) as fast_layout:
+    with _fast_cpu_layout(model, device, channels_last) as fast_layout, engine.installed(model):
+        optimizer = make_optimizer(model, settings, constraint.names, engine)
+        if optimizer_state:
+            load_optimizer_state(optimizer, model, optimizer_state, engine)
         forward = model
-        if world.active:  # gradients averaged over the ranks during backward; the masks act after it
+        if world.active and any(p.requires_grad for p in model.parameters()):
+            # gradients averaged over the ranks during backward; the masks act after it (the engine's value
+            # vectors are not module parameters: training_step averages their gradients)
             forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         for epoch in range(start_epoch, settings.epochs):
             started = time.perf_counter()
@@ -370,11 +425,13 @@ def train(
                     step = epoch * steps_per_epoch + step_in_epoch
                     due = mask_updater is not None and mask_updater.due(step)
                     gradients = {} if due else None
-                    loss = training_step(forward, optimizer, constraint, inputs, labels, settings.weight_decay,
+                    loss = training_step(forward, optimizer, constraint, inputs, labels, coupled_decay,
                                          gradients, batch_total if world.active else None, world.size,
-                                         settings.precision, scaler)
+                                         settings.precision, scaler, engine,
+                                         lr * settings.weight_decay if settings.optimizer == "adamw" else 0.0)
                     if due:
                         updates.append(mask_updater.update(step, constraint, optimizer, gradients))
+                        engine.follow_masks(constraint, optimizer)
                         agree("masks", constraint.masks(), f"after the mask update at step {step}")
                     if on_step_end is not None:
                         on_step_end(step)
@@ -397,7 +454,7 @@ def train(
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             history.append(metrics)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics, optimizer)
+                on_epoch_end(epoch, metrics, optimizer_state_tensors(optimizer, model, engine))
     agree("weights", model.state_dict(), "at the end of training")
     return history
 

@@ -155,6 +155,25 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
 
 
 @pytest.mark.slow
+def test_two_processes_on_the_sparse_engine_move_the_masks_as_one_process_does(tmp_path):
+    # RigL on the sparse engine: the value vectors' gradients and the dense gradients of the update steps are
+    # all-reduced by the engine (DistributedDataParallel does not see them); the ranks apply identical updates.
+    args = ["--model", "lenet300", "--data", "synthetic", "--subset", "512", "--batch-size", "64", "--method", "rigl",
+            "--density", "0.02", "--update-every", "4", "--engine", "sparse", "--epochs", "2"]
+    two = _run([*TORCHRUN, "-m", "compress", "train", *args, "--out", "ddp"], tmp_path)
+    assert two.returncode == 0, two.stdout
+    one = _run([sys.executable, "-m", "compress", "train", *args, "--out", "one"], tmp_path)
+    assert one.returncode == 0, one.stdout
+    ddp, single = tmp_path / "ddp", tmp_path / "one"
+    masks, reference = load_file(ddp / "final_masks.safetensors"), load_file(single / "final_masks.safetensors")
+    assert all(torch.equal(masks[k], reference[k]) for k in reference)
+    assert not all(torch.equal(masks[k], load_file(ddp / "masks.safetensors")[k]) for k in masks)  # they moved
+    weights, expected = load_file(ddp / "model.safetensors"), load_file(single / "model.safetensors")
+    assert all(torch.allclose(weights[k], expected[k], rtol=1e-4, atol=1e-5) for k in weights)
+    assert _no_scratch_left(tmp_path)
+
+
+@pytest.mark.slow
 def test_kill_9_of_one_rank_then_resume_finishes_bit_exactly(tmp_path):
     args = [*LENET5, "--subset", "4096", "--epochs", "3"]
     whole = _run([*TORCHRUN, "-m", "compress", "train", *args, "--out", "whole"], tmp_path)

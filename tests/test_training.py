@@ -86,19 +86,18 @@ def test_training_is_deterministic_and_learns(data):
     assert h1[-1]["train_loss"] < h1[0]["train_loss"]
 
 
-def test_resuming_from_an_epoch_checkpoint_equals_uninterrupted_training(data):
-    from compress.training import optimizer_state_tensors
-
-    settings = TrainSettings(epochs=3, batch_size=64, lr=0.05, nesterov=True, momentum=0.9)
+@pytest.mark.parametrize("engine", ["dense", "sparse"])
+def test_resuming_from_an_epoch_checkpoint_equals_uninterrupted_training(data, engine):
+    settings = TrainSettings(epochs=3, batch_size=64, lr=0.05, nesterov=True, momentum=0.9, engine=engine)
     model, plan, initial = planned_model("freeze")
     train(model, data, settings, MaskConstraint(model, plan, initial), seed=1, device=CPU, progress=False)
 
     saved = {}
 
-    def keep(epoch, metrics, optimizer):
+    def keep(epoch, metrics, optimizer_tensors):
         if epoch == 0:
             saved["model"] = copy.deepcopy(interrupted.state_dict())
-            saved["optimizer"] = {k: v.clone() for k, v in optimizer_state_tensors(optimizer, interrupted).items()}
+            saved["optimizer"] = {k: v.clone() for k, v in optimizer_tensors.items()}
 
     interrupted, plan2, initial2 = planned_model("freeze")
     train(interrupted, data, settings, MaskConstraint(interrupted, plan2, initial2), seed=1, device=CPU,

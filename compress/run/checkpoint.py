@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from compress.run.rundir import CHECKPOINT_FILE, METRICS_FILE, write_tensors
-from compress.training import TrainSettings, optimizer_state_keys, optimizer_state_tensors
+from compress.engine import INDEX_PREFIX
+from compress.training import TrainSettings, optimizer_state_keys
 from formats.atomic import write_atomic
 from formats.errors import UserError
 
@@ -38,12 +39,12 @@ class Checkpoint:
     strategy: dict = field(default_factory=dict)  # the strategy's state kept in the checkpoint
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict],
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer_tensors: dict[str, torch.Tensor], history: list[dict],
                     masks: dict[str, torch.Tensor] | None = None, strategy: dict | None = None) -> None:
-    """Write the checkpoint after epoch ``len(history)``: model, optimizer, the current masks, and in its
-    metadata the metrics history and the strategy's state (JSON)."""
+    """Write the checkpoint after epoch ``len(history)``: model, optimizer state (``optimizer_state_tensors``), the
+    current masks, and in its metadata the metrics history and the strategy's state (JSON)."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    tensors.update(optimizer_state_tensors(optimizer, model))
+    tensors.update(optimizer_tensors)
     tensors.update({f"mask/{name}": pack_mask(mask) for name, mask in (masks or {}).items()})
     metadata = {"format": CHECKPOINT_FORMAT, "epoch": str(len(history)),
                 "metrics": json.dumps(history, sort_keys=True), "keys": json.dumps(sorted(tensors)),
@@ -193,15 +194,24 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], model: nn.Module, setting
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     needed = optimizer_state_keys(settings)
     state, seen = {}, {}
+    vector_lengths = {}  # the sparse engine's state: vectors over the trained entries at these flat indices
     for key, value in tensors.items():
-        if key.startswith("model/"):
+        if key.startswith(INDEX_PREFIX):
+            name = key[len(INDEX_PREFIX):]
+            if name not in params or not _valid_index(value, params[name].numel()):
+                raise bad(f"holds {key}, which is not a sorted index into a parameter of this run's model")
+            vector_lengths[name] = value.numel()
+            state[key] = value
+    for key, value in tensors.items():
+        if key.startswith("model/") or key.startswith(INDEX_PREFIX):
             continue
         if not key.startswith("optimizer/") or key.count("/") < 2:
             raise bad(f"holds an unexpected tensor {key}")
         name, state_key = key[len("optimizer/"):].rsplit("/", 1)
         if name not in params or state_key not in needed:
             raise bad(f"holds optimizer state {key} that this run's {settings.optimizer} optimizer does not use")
-        expected_shape = torch.Size([]) if state_key == "step" else params[name].shape
+        entries = torch.Size([vector_lengths[name]]) if name in vector_lengths else params[name].shape
+        expected_shape = torch.Size([]) if state_key == "step" else entries
         if value.shape != expected_shape or not value.is_floating_point():
             raise bad(f"holds optimizer state {key} of shape {list(value.shape)}, expected {list(expected_shape)}")
         state[key] = value
@@ -209,4 +219,16 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], model: nn.Module, setting
     for name, keys in seen.items():
         if keys != needed:
             raise bad(f"lacks optimizer state {', '.join(sorted(needed - keys))} of {name}")
+    orphans = sorted(set(vector_lengths) - set(seen))
+    if orphans:
+        raise bad(f"holds an index of optimizer state but no state of {', '.join(orphans[:3])}")
     return state
+
+
+def _valid_index(index: torch.Tensor, size: int) -> bool:
+    """A 1-D int32/int64 tensor of strictly increasing flat positions below ``size``."""
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+        return False
+    if index.numel() == 0:
+        return True
+    return bool(index[0] >= 0) and bool(index[-1] < size) and bool((index[1:] > index[:-1]).all())

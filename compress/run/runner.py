@@ -143,12 +143,12 @@ def train_prepared(prepared: Prepared, out: Path, shown: str | Path, *, start_ep
     started = time.perf_counter()
     where = f" ({label})" if label else ""
 
-    def on_epoch_end(epoch: int, metrics: dict, optimizer) -> None:
+    def on_epoch_end(epoch: int, metrics: dict, optimizer_tensors: dict[str, torch.Tensor]) -> None:
         history.append(metrics)
         current, state = masks, strategy_state
         if mask_updater is not None:
             current, state = constraint.masks(), {**(strategy_state or {}), **mask_updater.state()}
-        save_checkpoint(out, model, optimizer, history, current, state)  # the truth; metrics follow
+        save_checkpoint(out, model, optimizer_tensors, history, current, state)  # the truth; metrics follow
         write_metrics(out, history)
         val = f"  val acc {metrics['val_acc']:.2%}" if "val_acc" in metrics else ""
         test = f"  test acc {metrics['test_acc']:.2%}" if "test_acc" in metrics else ""

@@ -16,9 +16,12 @@ entries is zeroed, so a grown entry starts without momentum and a dropped one do
 stateless but for their count: SET's positions come from a generator seeded by (run seed, step, layer),
 so a resumed run draws exactly what an uninterrupted one does.
 
-The dense gradient costs nothing extra here: every step already computes the gradient of every weight
-(the training loop masks it afterwards); at update steps it is copied before masking (one copy of the
-masked weights) and ranked per layer on the CPU.
+The dense gradient: on the dense engine every step already computes the gradient of every weight (the
+training loop masks it afterwards), so at update steps it is copied before masking (one copy of the masked
+weights). On the sparse engine (``compress.engine``) a step forms only the trained entries' gradients; at an
+update step each engine layer forms its dense weight gradient too (one dense product, what a dense step
+pays), and only then. Either way it is ranked per layer on the CPU, and a mask update moves the optimizer
+state of the kept entries to their new places in the engine's vectors.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from compress.run.levels import run_level
 from compress.run.pipeline import prepare
 from compress.run.runner import write_level_files
 from compress.run.rundir import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, write_json, write_tensors
-from compress.training import MaskConstraint, optimizer_state_tensors, train
+from compress.training import MaskConstraint, train
 from formats.atomic import write_atomic
 
 
@@ -58,10 +58,10 @@ def bare_loop(prepared, state, work: Path) -> float:
 
     history = []
 
-    def checkpoint(epoch, metrics, optimizer):
+    def checkpoint(epoch, metrics, optimizer_tensors):
         history.append(metrics)
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-        tensors.update(optimizer_state_tensors(optimizer, model))
+        tensors.update(optimizer_tensors)
         write_tensors(work / CHECKPOINT_FILE, tensors, {"epoch": str(epoch + 1)})
         write_atomic(work / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history).encode())
 

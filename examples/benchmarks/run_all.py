@@ -5,7 +5,7 @@
 Each benchmark runs in its own process (quick mode unless --full) and prints its own tables; this
 collects every line that starts with PASS or FAIL into one summary (training-step overhead, scoring
 cost, mask bytes against the limit, artifact ratio, rebuild time, ONNX latency, COPS against the LP
-solver, interspace overhead, channels_last against NCHW, the strategy layer against the bare loop, SET/RigL against oneshot). Full outputs go to --log-dir. Ratios are
+solver, interspace overhead, channels_last against NCHW, the strategy layer against the bare loop, SET/RigL against oneshot, the sparse engine against the dense one). Full outputs go to --log-dir. Ratios are
 measured in one run on a shared machine: rerun a FAIL on an idle machine before trusting it.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ BENCHMARKS = [
     ("conv layout", "bench_layout.py", True),
     ("strategy layer", "bench_strategy.py", True),
     ("dynamic sparse training", "bench_dynamic.py", True),
+    ("sparse training engine", "bench_engine.py", True),
     ("artifact size vs compressors", "bench_artifact_size.py", True),
     ("streaming image folders", "bench_streaming.py", True),
     ("large-model memory", "bench_large_model.py", True),

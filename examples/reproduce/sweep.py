@@ -80,6 +80,9 @@ RESNET_IP_ONLY_METHODS = {"synflow-composed": {"method": "synflow", "score": "sy
 # (RECORDED_SCORE_MODE), so recorded rows stay valid. These runs score resnet20 (BatchNorm: the modes differ) in
 # eval mode, to compare with the train-mode rows of snip (issue 17).
 RECORDED_SCORE_MODE = "train"
+# Every recorded run trained on the dense engine; the sweep keeps it (the sparse engine agrees to floating-point
+# tolerance, not bit for bit), so that a recorded row and a rerun of it are the same run.
+RECORDED_ENGINE = "dense"
 RESNET_SCORE_MODE_METHODS = {"snip-eval": {"method": "snip", "score_mode": "eval"},
                              "grasp": {"method": "grasp", "score_mode": "train"},
                              "grasp-eval": {"method": "grasp", "score_mode": "eval"}}
@@ -317,11 +320,12 @@ def level_row(run: Run, out: Path, summary: dict, level: dict, threads: int) -> 
 
 
 def run_config(run: Run, device: str):
-    """The training config of a run: its options, scoring in RECORDED_SCORE_MODE unless they say otherwise."""
+    """The training config of a run: its options, scoring in RECORDED_SCORE_MODE and training on RECORDED_ENGINE
+    unless they say otherwise."""
     from compress.config import build_config
 
     return build_config(None, {"model": run.model, "seed": run.seed, "score_mode": RECORDED_SCORE_MODE,
-                               **run.options, "device": device})
+                               "engine": RECORDED_ENGINE, **run.options, "device": device})
 
 
 def _same_run(out: Path, config) -> bool:

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Training cost of the sparse engine against the dense one (issue 19), as ratios measured in one run.
+
+Part 1, step time: one training step (``compress.training.training_step``: forward, backward, masking, optimizer
+step and, for the sparse engine, the write-back of the trained values; SGD with momentum 0.9, weight decay 5e-4,
+batch 128, random inputs) of lenet300, lenet5, resnet20 and vgg16 under random per-layer masks (every layer at the
+density) in prune and freeze mode, for ``--engine dense``, ``sparse`` and ``auto``, conv nets in channels_last as
+``compress train`` runs them on the CPU. The three engines of one (model, mode, density) are timed round-robin
+(the order rotated every repeat) so that a busy neighbour slows them alike; each repeat gives the ratio of the
+engine's median step to dense's, and the table shows the median of those ratios with their interquartile range.
+
+Part 2, memory: the optimizer-state bytes with Adam (its two moments and step counters, plus for the sparse engine
+the int32 indices its checkpoint stores with them) against dense Adam's, and the peak resident memory a few
+training steps add, each engine in a process of its own (``ru_maxrss`` after the steps minus before them, the model
+built and the batch made).
+
+Part 3 (``--crossover``, full runs only): the weight-gradient kernels of one Linear layer alone, the ``sampled``
+SDDMM against the dense product, over densities and layer sizes: where the rule of ``compress.engine.choice``
+(``SAMPLED_MAX_DENSITY``, ``SAMPLED_MIN_WEIGHTS``) comes from.
+
+Targets (PASS/FAIL, exit status 0 either way), at density 1%: the lenet300 step at most 0.75x dense in freeze
+mode and 0.6x in prune mode under ``sparse``; optimizer state at most 2% of dense Adam's; under ``auto``, no model
+slower than dense (a ratio at most 1.05, the noise of a shared machine) at any density.
+
+    python examples/benchmarks/bench_engine.py --quick   # lenet300 and lenet5, a few minutes on 2 cores
+    python examples/benchmarks/bench_engine.py           # every model, and the crossover (longer)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from compress.engine import SparseEngine  # noqa: E402
+from compress.engine.choice import SAMPLED_MAX_DENSITY, SAMPLED_MIN_WEIGHTS  # noqa: E402
+from compress.init import initial_values, initialise  # noqa: E402
+from compress.scores import score  # noqa: E402
+from compress.selection import select  # noqa: E402
+from compress.training import MaskConstraint, TrainSettings, make_optimizer, training_step  # noqa: E402
+from formats.models import build_model  # noqa: E402
+
+SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32), "vgg16": (3, 32, 32)}
+DENSITIES = (0.1, 0.01, 0.001)
+MODES = ("freeze", "prune")
+ENGINES = ("dense", "sparse", "auto")
+BATCH = 128
+TARGETS = {"freeze": 0.75, "prune": 0.6}  # lenet300 at 1% under sparse
+STATE_TARGET = 0.02
+AUTO_LIMIT = 1.05
+
+
+@dataclass(frozen=True)
+class Level:
+    models: tuple[str, ...]
+    repeats: int  # round-robin repeats per (model, mode, density), at most
+    steps: int  # timed steps per engine per repeat
+    budget_s: float  # per (model, mode, density): no new repeat after this (at least 3 repeats)
+    memory_models: tuple[str, ...]
+
+
+LEVELS = {"quick": Level(("lenet300", "lenet5"), 15, 3, 6.0, ("lenet300", "lenet5")),
+          "full": Level(tuple(SHAPES), 30, 3, 40.0, tuple(SHAPES))}
+
+
+class Trainer:
+    """One model on one engine, ready to step (the engine installed until ``close``)."""
+
+    def __init__(self, model_name: str, mode: str, density: float, engine: str, optimizer: str = "sgd"):
+        self.model = initialise(build_model(model_name, SHAPES[model_name], 10), 0)
+        self.conv = any(p.dim() == 4 for p in self.model.parameters())
+        plan = select(score(self.model, "random", [], seed=0, scope="layer"), density=density, mode=mode,
+                      score="random", scope="layer")
+        initial = initial_values(self.model, 0, list(plan.masks)) if mode == "freeze" else None
+        self.constraint = MaskConstraint(self.model, plan, initial)
+        self.constraint.project()
+        self.settings = TrainSettings(batch_size=BATCH, lr=0.01, optimizer=optimizer, weight_decay=5e-4, engine=engine)
+        self.engine = SparseEngine.build(engine, self.model, self.constraint, torch.device("cpu"))
+        self.stack = ExitStack()
+        if self.conv:
+            self.model.to(memory_format=torch.channels_last)
+        self.stack.enter_context(self.engine.installed(self.model))
+        self.optimizer = make_optimizer(self.model, self.settings, self.constraint.names, self.engine)
+        self.model.train()
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        training_step(self.model, self.optimizer, self.constraint, inputs, labels, self.settings.weight_decay,
+                      engine=self.engine)
+
+    def state_bytes(self) -> int:
+        """Adam's state as a checkpoint keeps it: the moments and step counters, and the engine's int32 indices."""
+        total = sum(v.numel() * v.element_size() for state in self.optimizer.state.values()
+                    for v in state.values() if torch.is_tensor(v))
+        return total + sum(len(layer.index) * 4 for layer in self.engine.layers.values())
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def batch(model_name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(BATCH, *SHAPES[model_name], generator=generator)
+    if len(SHAPES[model_name]) == 3 and model_name != "lenet300":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, torch.randint(0, 10, (BATCH,), generator=generator)
+
+
+def time_engines(model_name: str, mode: str, density: float, level: Level) -> dict[str, tuple[float, float, float]]:
+    """Median (and quartiles) over repeats of each engine's median step time relative to dense's."""
+    trainers = {engine: Trainer(model_name, mode, density, engine) for engine in ENGINES}
+    inputs, labels = batch(model_name)
+    for trainer in trainers.values():
+        for _ in range(2):
+            trainer.step(inputs, labels)
+    ratios = {engine: [] for engine in ENGINES}
+    started = time.perf_counter()
+    for repeat in range(level.repeats):
+        order = ENGINES[repeat % 3:] + ENGINES[:repeat % 3]
+        medians = {}
+        for engine in order:
+            times = []
+            for _ in range(level.steps):
+                tick = time.perf_counter()
+                trainers[engine].step(inputs, labels)
+                times.append(time.perf_counter() - tick)
+            medians[engine] = statistics.median(times)
+        for engine in ENGINES:
+            ratios[engine].append(medians[engine] / medians["dense"])
+        if repeat >= 2 and time.perf_counter() - started > level.budget_s:
+            break
+    for trainer in trainers.values():
+        trainer.close()
+    result = {}
+    for engine, values in ratios.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        result[engine] = (statistics.median(values), quartiles[0], quartiles[2])
+    return result
+
+
+def memory_child(model_name: str, engine: str) -> dict:
+    """Run in a child process: peak RSS that 3 Adam steps at 1% (freeze) add, and the optimizer-state bytes."""
+    trainer = Trainer(model_name, "freeze", 0.01, engine, optimizer="adam")
+    inputs, labels = batch(model_name)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        trainer.step(inputs, labels)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_kib": after - before, "state_bytes": trainer.state_bytes()}
+
+
+def memory_table(level: Level) -> list[dict]:
+    rows = []
+    for model_name in level.memory_models:
+        row = {"model": model_name}
+        for engine in ("dense", "sparse"):
+            output = subprocess.run([sys.executable, __file__, "--memory-child", model_name, engine],
+                                    check=True, capture_output=True, text=True, timeout=600).stdout
+            row[engine] = json.loads(output.strip().splitlines()[-1])
+        rows.append(row)
+    return rows
+
+
+def crossover() -> None:
+    """The weight-gradient kernels of one Linear layer: sampled SDDMM against the dense product."""
+    from compress.engine.kernels import LayerKernels, SparseLayer, _sampled
+
+    print("\nPart 3: weight gradient of one Linear layer, batch 128: sampled (SDDMM) time / dense product time")
+    print(f"  (auto uses sampled at density <= {SAMPLED_MAX_DENSITY:g} on layers of >= {SAMPLED_MIN_WEIGHTS:,} weights)")
+    sizes = ((100, 10), (300, 100), (784, 300), (800, 500), (2048, 1024))
+    densities = (0.2, 0.1, 0.05, 0.02, 0.01, 0.001)
+    print(f"  {'layer':>12} {'weights':>9} " + " ".join(f"{d:>7.1%}" for d in densities))
+    for fan_in, fan_out in sizes:
+        layer_module = torch.nn.Linear(fan_in, fan_out)
+        inputs, grads = torch.randn(BATCH, fan_in), torch.randn(BATCH, fan_out)
+        cells = []
+        for density in densities:
+            mask = torch.rand(fan_out, fan_in, generator=torch.Generator().manual_seed(1)) < density
+            layer = SparseLayer("w", layer_module, mask, LayerKernels("sampled"))
+            dense_time = _best(lambda: grads.t() @ inputs)
+            sampled_time = _best(lambda: _sampled(layer, grads.t(), inputs))
+            cells.append(f"{sampled_time / dense_time:>6.2f}x")
+        print(f"  {fan_in:>5}x{fan_out:<6} {fan_in * fan_out:>9,} " + " ".join(cells))
+
+
+def _best(function, repeats: int = 30) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="lenet300 and lenet5 only, fewer repeats")
+    parser.add_argument("--crossover", action="store_true", help="also time the Linear gradient kernels alone")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child)))
+        return
+    level = LEVELS["quick" if args.quick else "full"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, SGD momentum 0.9")
+    print("\nPart 1: step time relative to --engine dense (median over round-robin repeats [interquartile range])")
+    header = f"  {'model':<9} {'mode':<7} {'density':>7}  " + "  ".join(f"{e:>22}" for e in ENGINES[1:])
+    print(header)
+    results = {}
+    for model_name in level.models:
+        for mode in MODES:
+            for density in DENSITIES:
+                ratios = time_engines(model_name, mode, density, level)
+                results[(model_name, mode, density)] = ratios
+                cells = [f"{r[0]:>6.3f}x [{r[1]:.3f}-{r[2]:.3f}]" for r in (ratios[e] for e in ENGINES[1:])]
+                print(f"  {model_name:<9} {mode:<7} {density:>7.1%}  " + "  ".join(f"{c:>22}" for c in cells),
+                      flush=True)
+    print("\nPart 2: memory with Adam at density 1% (freeze mode), each engine in its own process")
+    print(f"  {'model':<9} {'dense state':>12} {'sparse state':>13} {'ratio':>7} {'dense peak +':>13} "
+          f"{'sparse peak +':>14}")
+    memory = memory_table(level)
+    for row in memory:
+        dense, sparse = row["dense"], row["sparse"]
+        row["ratio"] = sparse["state_bytes"] / dense["state_bytes"]
+        print(f"  {row['model']:<9} {dense['state_bytes']:>12,} {sparse['state_bytes']:>13,} {row['ratio']:>6.2%} "
+              f"{dense['peak_kib']:>10,} KiB {sparse['peak_kib']:>11,} KiB")
+    if args.crossover or not args.quick:
+        crossover()
+    print()
+    for mode, target in TARGETS.items():
+        ratio = results[("lenet300", mode, 0.01)]["sparse"][0]
+        verdict = "PASS" if ratio <= target else "FAIL"
+        print(f"{verdict}: lenet300 {mode} step at 1% under --engine sparse: {ratio:.3f}x dense (target <= {target}x)")
+    worst_state = max(memory, key=lambda row: row["ratio"])
+    verdict = "PASS" if worst_state["ratio"] <= STATE_TARGET else "FAIL"
+    print(f"{verdict}: optimizer state at 1% at most {worst_state['ratio']:.2%} of dense Adam's ({worst_state['model']}; "
+          f"target <= {STATE_TARGET:.0%})")
+    worst = max(results.items(), key=lambda item: item[1]["auto"][0])
+    (model_name, mode, density), ratios = worst
+    verdict = "PASS" if ratios["auto"][0] <= AUTO_LIMIT else "FAIL"
+    print(f"{verdict}: --engine auto never slower than dense: worst {ratios['auto'][0]:.3f}x ({model_name} {mode} "
+          f"{density:.1%}; limit {AUTO_LIMIT}x)")
+
+
+if __name__ == "__main__":
+    main()
