@@ -2,7 +2,7 @@
 
 ``auto`` is a fixed rule, not a timing taken at the start of a run: the kernel decides the floating-point
 rounding, so a rule keeps two runs of one config (and a run and its resume) identical. Its thresholds are the
-crossovers that ``examples/benchmarks/bench_engine.py`` measures (``--crossover``), with a margin:
+crossovers that ``examples/benchmarks/bench_engine.py`` measures (``--crossover``; BENCHMARKS.md), with a margin:
 
 * every engine layer trains its entries as a vector, so its optimizer state and update cost K entries; this never
   costs more than the dense engine (which also pays a masking pass over every entry);
@@ -24,8 +24,8 @@ from torch import nn
 from compress.engine.kernels import LayerKernels, sampled_conv_supported
 
 ENGINES = ("dense", "sparse", "auto")
-SAMPLED_MAX_DENSITY = 0.05
-CSR_MAX_DENSITY = 0.05
+SAMPLED_MAX_DENSITY = 0.02  # measured: break-even at 5% on a 784x300 layer, 0.6-0.7x at 2%, 0.3-0.6x at 1%
+CSR_MAX_DENSITY = 0.02  # measured: 0.5-0.9x at 5%, 0.4-0.7x at 2%, 0.2-0.5x at 1% (layers of 235k-2M weights)
 SAMPLED_MIN_WEIGHTS = 50_000
 ENGINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

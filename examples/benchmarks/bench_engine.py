@@ -10,16 +10,18 @@ density) in prune and freeze mode, for ``--engine dense``, ``sparse`` and ``auto
 engine's median step to dense's, and the table shows the median of those ratios with their interquartile range.
 
 Part 2, memory: the optimizer-state bytes with Adam (its two moments and step counters, plus for the sparse engine
-the int32 indices its checkpoint stores with them) against dense Adam's, and the peak resident memory a few
-training steps add, each engine in a process of its own (``ru_maxrss`` after the steps minus before them, the model
-built and the batch made).
+the int32 indices its checkpoint stores with them) against dense Adam's; the bytes of every tensor training keeps
+between steps (parameters, gradients, optimizer state, the engine's vectors, indices and CSR structures); and the
+peak resident memory a few training steps add, each engine in a process of its own (``ru_maxrss`` after the steps
+minus before them, the model built and the batch made; on the small models it is within the allocator's slack).
 
 Part 3 (``--crossover``, full runs only): the weight-gradient kernels of one Linear layer alone, the ``sampled``
-SDDMM against the dense product, over densities and layer sizes: where the rule of ``compress.engine.choice``
-(``SAMPLED_MAX_DENSITY``, ``SAMPLED_MIN_WEIGHTS``) comes from.
+SDDMM against the dense product, and the CSR forward against the dense one, over densities and layer sizes:
+where the rule of ``compress.engine.choice`` (``SAMPLED_MAX_DENSITY``, ``CSR_MAX_DENSITY``,
+``SAMPLED_MIN_WEIGHTS``) comes from.
 
 Targets (PASS/FAIL, exit status 0 either way), at density 1%: the lenet300 step at most 0.75x dense in freeze
-mode and 0.6x in prune mode under ``sparse``; optimizer state at most 2% of dense Adam's; under ``auto``, no model
+mode and 0.6x in prune mode, under ``sparse`` and under ``auto``; optimizer state at most 2% of dense Adam's; under ``auto``, no model
 slower than dense (a ratio at most 1.05, the noise of a shared machine) at any density.
 
     python examples/benchmarks/bench_engine.py --quick   # lenet300 and lenet5, a few minutes on 2 cores
@@ -45,7 +47,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from compress.engine import SparseEngine  # noqa: E402
-from compress.engine.choice import SAMPLED_MAX_DENSITY, SAMPLED_MIN_WEIGHTS  # noqa: E402
+from compress.engine.choice import CSR_MAX_DENSITY, SAMPLED_MAX_DENSITY, SAMPLED_MIN_WEIGHTS  # noqa: E402
 from compress.init import initial_values, initialise  # noqa: E402
 from compress.scores import score  # noqa: E402
 from compress.selection import select  # noqa: E402
@@ -66,13 +68,13 @@ AUTO_LIMIT = 1.05
 class Level:
     models: tuple[str, ...]
     repeats: int  # round-robin repeats per (model, mode, density), at most
-    steps: int  # timed steps per engine per repeat
+    steps: int  # timed steps per engine per repeat (their median is the repeat's time)
     budget_s: float  # per (model, mode, density): no new repeat after this (at least 3 repeats)
     memory_models: tuple[str, ...]
 
 
-LEVELS = {"quick": Level(("lenet300", "lenet5"), 15, 3, 6.0, ("lenet300", "lenet5")),
-          "full": Level(tuple(SHAPES), 30, 3, 40.0, tuple(SHAPES))}
+LEVELS = {"quick": Level(("lenet300", "lenet5"), 40, 8, 6.0, ("lenet300", "lenet5")),
+          "full": Level(tuple(SHAPES), 40, 4, 40.0, tuple(SHAPES))}
 
 
 class Trainer:
@@ -104,6 +106,17 @@ class Trainer:
         total = sum(v.numel() * v.element_size() for state in self.optimizer.state.values()
                     for v in state.values() if torch.is_tensor(v))
         return total + sum(len(layer.index) * 4 for layer in self.engine.layers.values())
+
+    def training_bytes(self) -> int:
+        """Every tensor training keeps between steps: parameters, gradients, optimizer state and the engine's value
+        vectors, their gradients, indices and CSR structures."""
+        tensors = list(self.model.parameters()) + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        for layer in self.engine.layers.values():
+            tensors += [layer.values, layer.index, layer._pattern.crow_indices(), layer._pattern.col_indices()]
+            tensors += [layer.values.grad] if layer.values.grad is not None else []
+            tensors += list(getattr(layer, "_transpose_structure", ())) + [getattr(layer, "_transpose_order", None)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def close(self) -> None:
         self.stack.close()
@@ -150,14 +163,15 @@ def time_engines(model_name: str, mode: str, density: float, level: Level) -> di
 
 
 def memory_child(model_name: str, engine: str) -> dict:
-    """Run in a child process: peak RSS that 3 Adam steps at 1% (freeze) add, and the optimizer-state bytes."""
+    """Run in a child process: peak RSS that 3 Adam steps at 1% (freeze) add, the optimizer-state bytes and the
+    training tensors' bytes."""
     trainer = Trainer(model_name, "freeze", 0.01, engine, optimizer="adam")
     inputs, labels = batch(model_name)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
         trainer.step(inputs, labels)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_kib": after - before, "state_bytes": trainer.state_bytes()}
+    return {"peak_kib": after - before, "state_bytes": trainer.state_bytes(), "training_bytes": trainer.training_bytes()}
 
 
 def memory_table(level: Level) -> list[dict]:
@@ -173,25 +187,33 @@ def memory_table(level: Level) -> list[dict]:
 
 
 def crossover() -> None:
-    """The weight-gradient kernels of one Linear layer: sampled SDDMM against the dense product."""
+    """The kernels of one Linear layer alone: the sampled SDDMM against the dense weight-gradient product, and the
+    CSR forward against the dense one."""
     from compress.engine.kernels import LayerKernels, SparseLayer, _sampled
 
-    print("\nPart 3: weight gradient of one Linear layer, batch 128: sampled (SDDMM) time / dense product time")
-    print(f"  (auto uses sampled at density <= {SAMPLED_MAX_DENSITY:g} on layers of >= {SAMPLED_MIN_WEIGHTS:,} weights)")
+    print("\nPart 3: one Linear layer alone, batch 128: sparse kernel time / dense product time")
+    print(f"  (auto: sampled gradient at density <= {SAMPLED_MAX_DENSITY:g}, CSR forward in prune mode at <= "
+          f"{CSR_MAX_DENSITY:g}, on layers of >= {SAMPLED_MIN_WEIGHTS:,} weights)")
     sizes = ((100, 10), (300, 100), (784, 300), (800, 500), (2048, 1024))
     densities = (0.2, 0.1, 0.05, 0.02, 0.01, 0.001)
-    print(f"  {'layer':>12} {'weights':>9} " + " ".join(f"{d:>7.1%}" for d in densities))
-    for fan_in, fan_out in sizes:
-        layer_module = torch.nn.Linear(fan_in, fan_out)
-        inputs, grads = torch.randn(BATCH, fan_in), torch.randn(BATCH, fan_out)
-        cells = []
-        for density in densities:
-            mask = torch.rand(fan_out, fan_in, generator=torch.Generator().manual_seed(1)) < density
-            layer = SparseLayer("w", layer_module, mask, LayerKernels("sampled"))
-            dense_time = _best(lambda: grads.t() @ inputs)
-            sampled_time = _best(lambda: _sampled(layer, grads.t(), inputs))
-            cells.append(f"{sampled_time / dense_time:>6.2f}x")
-        print(f"  {fan_in:>5}x{fan_out:<6} {fan_in * fan_out:>9,} " + " ".join(cells))
+    print(f"  {'kernel':<18} {'layer':>12} {'weights':>9} " + " ".join(f"{d:>7.1%}" for d in densities))
+    for kernel in ("sampled gradient", "csr forward"):
+        for fan_in, fan_out in sizes:
+            layer_module = torch.nn.Linear(fan_in, fan_out)
+            inputs, grads = torch.randn(BATCH, fan_in), torch.randn(BATCH, fan_out)
+            cells = []
+            for density in densities:
+                mask = torch.rand(fan_out, fan_in, generator=torch.Generator().manual_seed(1)) < density
+                layer = SparseLayer("w", layer_module, mask, LayerKernels("sampled", "csr"))
+                if kernel == "sampled gradient":
+                    dense_time = _best(lambda: grads.t() @ inputs)
+                    sparse_time = _best(lambda: _sampled(layer, grads.t(), inputs))
+                else:
+                    weight = layer_module.weight.detach()
+                    dense_time = _best(lambda: torch.nn.functional.linear(inputs, weight))
+                    sparse_time = _best(lambda: torch.sparse.mm(layer.csr_weight(), inputs.t()).t())
+                cells.append(f"{sparse_time / dense_time:>6.2f}x")
+            print(f"  {kernel:<18} {fan_in:>5}x{fan_out:<6} {fan_in * fan_out:>9,} " + " ".join(cells))
 
 
 def _best(function, repeats: int = 30) -> float:
@@ -228,21 +250,27 @@ def main() -> None:
                 print(f"  {model_name:<9} {mode:<7} {density:>7.1%}  " + "  ".join(f"{c:>22}" for c in cells),
                       flush=True)
     print("\nPart 2: memory with Adam at density 1% (freeze mode), each engine in its own process")
-    print(f"  {'model':<9} {'dense state':>12} {'sparse state':>13} {'ratio':>7} {'dense peak +':>13} "
-          f"{'sparse peak +':>14}")
+    print("  state: Adam's moments and steps (+ the sparse engine's int32 indices); tensors: parameters, gradients,")
+    print("  optimizer state and engine structures kept between steps; peak: resident memory 3 steps add (ru_maxrss)")
+    print(f"  {'model':<9} {'dense state':>12} {'sparse state':>13} {'ratio':>7} {'dense tensors':>14} "
+          f"{'sparse tensors':>15} {'ratio':>7} {'dense peak':>11} {'sparse peak':>12}")
     memory = memory_table(level)
     for row in memory:
         dense, sparse = row["dense"], row["sparse"]
         row["ratio"] = sparse["state_bytes"] / dense["state_bytes"]
+        tensors = sparse["training_bytes"] / dense["training_bytes"]
         print(f"  {row['model']:<9} {dense['state_bytes']:>12,} {sparse['state_bytes']:>13,} {row['ratio']:>6.2%} "
-              f"{dense['peak_kib']:>10,} KiB {sparse['peak_kib']:>11,} KiB")
+              f"{dense['training_bytes']:>14,} {sparse['training_bytes']:>15,} {tensors:>6.1%} "
+              f"{dense['peak_kib'] / 1024:>7.1f} MiB {sparse['peak_kib'] / 1024:>8.1f} MiB")
     if args.crossover or not args.quick:
         crossover()
     print()
-    for mode, target in TARGETS.items():
-        ratio = results[("lenet300", mode, 0.01)]["sparse"][0]
-        verdict = "PASS" if ratio <= target else "FAIL"
-        print(f"{verdict}: lenet300 {mode} step at 1% under --engine sparse: {ratio:.3f}x dense (target <= {target}x)")
+    for engine in ("sparse", "auto"):
+        for mode, target in TARGETS.items():
+            ratio = results[("lenet300", mode, 0.01)][engine][0]
+            verdict = "PASS" if ratio <= target else "FAIL"
+            print(f"{verdict}: lenet300 {mode} step at 1% under --engine {engine}: {ratio:.3f}x dense "
+                  f"(target <= {target}x)")
     worst_state = max(memory, key=lambda row: row["ratio"])
     verdict = "PASS" if worst_state["ratio"] <= STATE_TARGET else "FAIL"
     print(f"{verdict}: optimizer state at 1% at most {worst_state['ratio']:.2%} of dense Adam's ({worst_state['model']}; "
