@@ -269,6 +269,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
             raise UserError(f"the checkpoint's optimizer state of {name} is not over its trained entries (it was "
                             f"written by another engine, or is damaged): resume with the run's own --engine, or "
                             f"start a new run with --overwrite")
+    foreign = sorted(key[len(INDEX_PREFIX):] for key in tensors
+                     if key.startswith(INDEX_PREFIX) and key[len(INDEX_PREFIX):] not in vectors)
+    if foreign:
+        raise UserError(f"the checkpoint's optimizer state of {foreign[0]} is a vector over its trained entries, "
+                        "which this engine does not train: resume with the run's own --engine, or start a new run "
+                        "with --overwrite")
     for key, value in tensors.items():
         if not key.startswith("optimizer/"):
             continue

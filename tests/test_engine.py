@@ -275,12 +275,15 @@ def test_rigl_sees_the_same_dense_gradient_under_both_engines(data):
         assert bool((dense != 0).sum() > (plan.masks[name].sum())), "the dense gradient covers untrained entries"
 
 
-def test_optimizer_state_of_another_engine_is_refused_on_resume(data):
-    *_, dense_state = train_with("dense", "lenet300", "freeze", data)
+@pytest.mark.parametrize("written_by, resumed_by, fragment", [("dense", "sparse", "not over its trained entries"),
+                                                              ("sparse", "dense", "which this engine does not train")])
+def test_optimizer_state_of_another_engine_is_refused_on_resume(data, written_by, resumed_by, fragment):
+    *_, state = train_with(written_by, "lenet300", "freeze", data)
     model, plan, initial = planned("lenet300", "freeze")
-    with pytest.raises(UserError, match="not over its trained entries"):
-        train(model, data, TrainSettings(epochs=2, batch_size=64, engine="sparse"), MaskConstraint(model, plan, initial),
-              seed=0, device=CPU, progress=False, start_epoch=1, optimizer_state=dense_state)
+    with pytest.raises(UserError, match=fragment):
+        train(model, data, TrainSettings(epochs=2, batch_size=64, engine=resumed_by),
+              MaskConstraint(model, plan, initial), seed=0, device=CPU, progress=False, start_epoch=1,
+              optimizer_state=state)
 
 
 def test_a_run_records_its_engine_and_runs_written_before_the_option_read_as_dense(tmp_path, capsys):

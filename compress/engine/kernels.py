@@ -58,28 +58,23 @@ class SparseLayer:
         return self.module.weight
 
     @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """Train the entries of ``mask`` from now on; returns the old index. The values are read from the weight
-        (which holds the trained values and, elsewhere, the plan's), in place when the count is unchanged."""
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Train the entries of ``mask`` from now on. The values are read from the weight (which holds the trained
+        values and, elsewhere, the plan's), in place when the count is unchanged."""
         weight = self.module.weight
-        old = getattr(self, "index", None)
-        flat = mask.to(weight.device, torch.bool).reshape(-1)
-        self.index = flat.nonzero().reshape(-1)
-        rows_shape = (weight.shape[0], weight[0].numel())
-        self._pattern = _csr(*_csr_structure(self.index, rows_shape),
-                             torch.zeros(len(self.index), dtype=weight.dtype, device=weight.device), rows_shape)
+        self.index = mask.to(weight.device, torch.bool).reshape(-1).nonzero().reshape(-1)
+        outputs, fan_in = weight.shape[0], weight[0].numel()
+        self._pattern = _csr(*_csr_structure(self.index, (outputs, fan_in)),
+                             torch.zeros(len(self.index), dtype=weight.dtype, device=weight.device), (outputs, fan_in))
         if self.kernels.forward == "csr":  # W^T in CSR for the input gradient: the entries ordered by column
-            columns = self.index % rows_shape[1]
-            self._transpose_order = torch.argsort(columns * rows_shape[0] + self.index // rows_shape[1])
-            self._transpose_structure = _csr_structure(
-                columns[self._transpose_order] * rows_shape[0] + (self.index // rows_shape[1])[self._transpose_order],
-                (rows_shape[1], rows_shape[0]))
+            transposed = (self.index % fan_in) * outputs + self.index // fan_in
+            self._transpose_order = torch.argsort(transposed)
+            self._transpose_structure = _csr_structure(transposed[self._transpose_order], (fan_in, outputs))
         current = weight.take(self.index)
         if current.numel() == self.values.numel():
             self.values.copy_(current)
         else:
             self.values = current.clone().requires_grad_(True)
-        return old
 
     @torch.no_grad()
     def write_back(self) -> None:

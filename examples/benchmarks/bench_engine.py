@@ -25,7 +25,8 @@ mode and 0.6x in prune mode, under ``sparse`` and under ``auto``; optimizer stat
 slower than dense (a ratio at most 1.05, the noise of a shared machine) at any density.
 
     python examples/benchmarks/bench_engine.py --quick   # lenet300 and lenet5, a few minutes on 2 cores
-    python examples/benchmarks/bench_engine.py           # every model, and the crossover (longer)
+    python examples/benchmarks/bench_engine.py           # every model, and the crossover (about 25 min)
+    python examples/benchmarks/bench_engine.py --quick --device cuda   # the GPU check (gpu_smoke.sh runs it)
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ BATCH = 128
 TARGETS = {"freeze": 0.75, "prune": 0.6}  # lenet300 at 1% under sparse
 STATE_TARGET = 0.02
 AUTO_LIMIT = 1.05
+DEVICE = torch.device("cpu")  # --device
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,15 @@ class Trainer:
     """One model on one engine, ready to step (the engine installed until ``close``)."""
 
     def __init__(self, model_name: str, mode: str, density: float, engine: str, optimizer: str = "sgd"):
-        self.model = initialise(build_model(model_name, SHAPES[model_name], 10), 0)
-        self.conv = any(p.dim() == 4 for p in self.model.parameters())
+        self.model = initialise(build_model(model_name, SHAPES[model_name], 10), 0).to(DEVICE)
+        self.conv = DEVICE.type == "cpu" and any(p.dim() == 4 for p in self.model.parameters())
         plan = select(score(self.model, "random", [], seed=0, scope="layer"), density=density, mode=mode,
                       score="random", scope="layer")
         initial = initial_values(self.model, 0, list(plan.masks)) if mode == "freeze" else None
         self.constraint = MaskConstraint(self.model, plan, initial)
         self.constraint.project()
         self.settings = TrainSettings(batch_size=BATCH, lr=0.01, optimizer=optimizer, weight_decay=5e-4, engine=engine)
-        self.engine = SparseEngine.build(engine, self.model, self.constraint, torch.device("cpu"))
+        self.engine = SparseEngine.build(engine, self.model, self.constraint, DEVICE)
         self.stack = ExitStack()
         if self.conv:
             self.model.to(memory_format=torch.channels_last)
@@ -100,6 +102,8 @@ class Trainer:
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         training_step(self.model, self.optimizer, self.constraint, inputs, labels, self.settings.weight_decay,
                       engine=self.engine)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
 
     def state_bytes(self) -> int:
         """Adam's state as a checkpoint keeps it: the moments and step counters, and the engine's int32 indices."""
@@ -125,9 +129,10 @@ class Trainer:
 def batch(model_name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(BATCH, *SHAPES[model_name], generator=generator)
-    if len(SHAPES[model_name]) == 3 and model_name != "lenet300":
+    labels = torch.randint(0, 10, (BATCH,), generator=generator)
+    if DEVICE.type == "cpu" and model_name != "lenet300":
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs, torch.randint(0, 10, (BATCH,), generator=generator)
+    return inputs.to(DEVICE), labels.to(DEVICE)
 
 
 def time_engines(model_name: str, mode: str, density: float, level: Level) -> dict[str, tuple[float, float, float]]:
@@ -167,10 +172,17 @@ def memory_child(model_name: str, engine: str) -> dict:
     training tensors' bytes."""
     trainer = Trainer(model_name, "freeze", 0.01, engine, optimizer="adam")
     inputs, labels = batch(model_name)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if DEVICE.type == "cuda":  # the peak of CUDA allocations the steps add
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() // 1024
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
         trainer.step(inputs, labels)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if DEVICE.type == "cuda":
+        after = torch.cuda.max_memory_allocated() // 1024
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_kib": after - before, "state_bytes": trainer.state_bytes(), "training_bytes": trainer.training_bytes()}
 
 
@@ -179,7 +191,8 @@ def memory_table(level: Level) -> list[dict]:
     for model_name in level.memory_models:
         row = {"model": model_name}
         for engine in ("dense", "sparse"):
-            output = subprocess.run([sys.executable, __file__, "--memory-child", model_name, engine],
+            output = subprocess.run([sys.executable, __file__, "--memory-child", model_name, engine, "--device",
+                                     DEVICE.type],
                                     check=True, capture_output=True, text=True, timeout=600).stdout
             row[engine] = json.loads(output.strip().splitlines()[-1])
         rows.append(row)
@@ -230,13 +243,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lenet300 and lenet5 only, fewer repeats")
     parser.add_argument("--crossover", action="store_true", help="also time the Linear gradient kernels alone")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to train (cuda: the GPU check; auto keeps the dense kernels there)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    DEVICE = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
         return
     level = LEVELS["quick" if args.quick else "full"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, SGD momentum 0.9")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, batch {BATCH}, SGD momentum 0.9")
     print("\nPart 1: step time relative to --engine dense (median over round-robin repeats [interquartile range])")
     header = f"  {'model':<9} {'mode':<7} {'density':>7}  " + "  ".join(f"{e:>22}" for e in ENGINES[1:])
     print(header)
@@ -251,7 +276,8 @@ def main() -> None:
                       flush=True)
     print("\nPart 2: memory with Adam at density 1% (freeze mode), each engine in its own process")
     print("  state: Adam's moments and steps (+ the sparse engine's int32 indices); tensors: parameters, gradients,")
-    print("  optimizer state and engine structures kept between steps; peak: resident memory 3 steps add (ru_maxrss)")
+    print("  optimizer state and engine structures kept between steps; peak: memory 3 steps add (CPU: ru_maxrss;")
+    print("  CUDA: the peak of allocations)")
     print(f"  {'model':<9} {'dense state':>12} {'sparse state':>13} {'ratio':>7} {'dense tensors':>14} "
           f"{'sparse tensors':>15} {'ratio':>7} {'dense peak':>11} {'sparse peak':>12}")
     memory = memory_table(level)
@@ -262,7 +288,7 @@ def main() -> None:
         print(f"  {row['model']:<9} {dense['state_bytes']:>12,} {sparse['state_bytes']:>13,} {row['ratio']:>6.2%} "
               f"{dense['training_bytes']:>14,} {sparse['training_bytes']:>15,} {tensors:>6.1%} "
               f"{dense['peak_kib'] / 1024:>7.1f} MiB {sparse['peak_kib'] / 1024:>8.1f} MiB")
-    if args.crossover or not args.quick:
+    if (args.crossover or not args.quick) and DEVICE.type == "cpu":
         crossover()
     print()
     for engine in ("sparse", "auto"):

@@ -1,7 +1,9 @@
 #!/bin/bash
 # GPU smoke check (about 1 minute on one H100/H200): the resnet20 part of --quick on CUDA (every resnet
 # method, standard and interspace), then the CLI chain: train on CUDA, pack, eval on CUDA and on the CPU
-# (the same accuracy), ONNX export, and --precision bf16/fp16 training on CUDA (frozen entries exact). Logs go to $OUT (default: a new temporary directory).
+# (the same accuracy), ONNX export, --precision bf16/fp16 training on CUDA (frozen entries exact), and the
+# engines' step-time table on CUDA (bench_engine.py --quick --device cuda). Logs go to $OUT (default: a new
+# temporary directory).
 #     bash examples/reproduce/gpu_smoke.sh
 # Data: set COMPRESS_DATA to a folder holding fashion-mnist/ where /usr/share/datasets has none.
 set -u
@@ -31,4 +33,6 @@ floats = all(w.dtype == torch.float32 for w in weights.values() if w.is_floating
 print(f"{run}: float32 weights {floats}, frozen entries exact {exact}")
 PY
 done
+python3 examples/benchmarks/bench_engine.py --quick --device cuda > "$OUT/engine.log" 2>&1  # issue 19 on the GPU
+echo "bench_engine on cuda rc=$?"; grep -E "^(PASS|FAIL)|^  lenet" "$OUT/engine.log"
 echo "logs in $OUT"
