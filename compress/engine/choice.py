@@ -25,7 +25,7 @@ from compress.engine.kernels import LayerKernels, sampled_conv_supported
 
 ENGINES = ("dense", "sparse", "auto")
 SAMPLED_MAX_DENSITY = 0.02  # measured: break-even at 5% on a 784x300 layer, 0.6-0.7x at 2%, 0.3-0.6x at 1%
-CSR_MAX_DENSITY = 0.02  # measured: 0.5-0.9x at 5%, 0.4-0.7x at 2%, 0.2-0.5x at 1% (layers of 235k-2M weights)
+CSR_MAX_DENSITY = 0.01  # measured: 0.5-1.5x at 5%, 0.4-1.1x at 2%, 0.2-0.8x at 1% (layers of 235k-2M weights)
 SAMPLED_MIN_WEIGHTS = 50_000
 ENGINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
