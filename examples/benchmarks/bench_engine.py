@@ -21,6 +21,9 @@ SDDMM against the dense product, and the CSR forward against the dense one, over
 where the rule of ``compress.engine.choice`` (``SAMPLED_MAX_DENSITY``, ``CSR_MAX_DENSITY``,
 ``SAMPLED_MIN_WEIGHTS``) comes from.
 
+Part 4 (``--epoch``): one epoch of the issue's run (lenet300, FreezeNet at 1%, Fashion-MNIST) through
+``compress.training.train`` per engine, the engines in turn, twice.
+
 Targets (PASS/FAIL, exit status 0 either way), at density 1%: the lenet300 step at most 0.75x dense in freeze
 mode and 0.6x in prune mode, under ``sparse`` and under ``auto``; optimizer state at most 2% of dense Adam's; under ``auto``, no model
 slower than dense (a ratio at most 1.05, the noise of a shared machine) at any density.
@@ -52,7 +55,7 @@ from compress.engine.choice import CSR_MAX_DENSITY, SAMPLED_MAX_DENSITY, SAMPLED
 from compress.init import initial_values, initialise  # noqa: E402
 from compress.scores import score  # noqa: E402
 from compress.selection import select  # noqa: E402
-from compress.training import MaskConstraint, TrainSettings, make_optimizer, training_step  # noqa: E402
+from compress.training import MaskConstraint, TrainSettings, make_optimizer, train, training_step  # noqa: E402
 from formats.models import build_model  # noqa: E402
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32), "vgg16": (3, 32, 32)}
@@ -238,6 +241,31 @@ def crossover() -> None:
             print(f"  {kernel:<18} {fan_in:>5}x{fan_out:<6} {fan_in * fan_out:>9,} " + " ".join(cells))
 
 
+def epoch_times(rounds: int = 2) -> None:
+    """The issue's runs: one epoch of ``compress.training.train`` on Fashion-MNIST (lenet300, FreezeNet at 1%) per
+    engine, the engines in turn, ``rounds`` times; the steps' median and the epoch, as the run logs it."""
+    from compress.config import build_config
+    from compress.run.pipeline import prepare
+
+    print("\nPart 4: one epoch of lenet300, FreezeNet at 1%, Fashion-MNIST (train(), as compress train runs it)")
+    for round_number in range(rounds):
+        cells = []
+        for engine in ENGINES:
+            config = build_config(None, {"model": "lenet300", "data": "fashion-mnist", "method": "freezenet",
+                                         "density": 0.01, "epochs": 1, "engine": engine, "device": "cpu"})
+            prepared = prepare(config, quiet=True)
+            model, plan = prepared.model, prepared.plan
+            constraint = MaskConstraint(model, plan, initial_values(model, prepared.config.seed, list(plan.masks)))
+            stamps = []
+            history = train(model, prepared.data, prepared.config.train_settings(), constraint,
+                            seed=prepared.config.seed, device=torch.device("cpu"), progress=False,
+                            on_step_end=lambda step: stamps.append(time.perf_counter()))
+            step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+            cells.append(f"{engine} {history[-1]['seconds']:.2f} s (step {step * 1e3:.2f} ms, test acc "
+                         f"{history[-1]['test_acc']:.2%})")
+        print(f"  round {round_number + 1}: " + "; ".join(cells), flush=True)
+
+
 def _best(function, repeats: int = 30) -> float:
     function()
     times = []
@@ -252,6 +280,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lenet300 and lenet5 only, fewer repeats")
     parser.add_argument("--crossover", action="store_true", help="also time the Linear gradient kernels alone")
+    parser.add_argument("--epoch", action="store_true",
+                        help="also time one epoch of the issue's Fashion-MNIST run per engine (needs the data set)")
     parser.add_argument("--models", help=f"comma-separated models to time (default: the level's; known: "
                         f"{', '.join(SHAPES)})")
     parser.add_argument("--engines", default="sparse,auto",
@@ -314,6 +344,8 @@ def main() -> None:
                   f"{values['peak_kib'] / 1024:>7.1f} MiB")
     if (args.crossover or not args.quick) and DEVICE.type == "cpu":
         crossover()
+    if args.epoch:
+        epoch_times()
     print()
     for engine in compared:
         for mode, target in TARGETS.items():
