@@ -261,7 +261,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
                          engine: SparseEngine | None = None):
     """Inverse of ``optimizer_state_tensors``; state of the wrong form for ``engine`` is a ``UserError``."""
     params = dict(model.named_parameters())
-    vectors = engine.parameters_by_name() if engine else {}
+    vectors = engine.vectors() if engine else {}
     for name, layer in (engine.layers.items() if engine else ()):
         index = tensors.get(INDEX_PREFIX + name)
         has_state = any(key.startswith(f"optimizer/{name}/") for key in tensors)

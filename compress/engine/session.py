@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from compress.engine.choice import ENGINES, choose_kernels, engine_layer
-from compress.engine.kernels import EngineLayer, LayerKernels, SparseLayer
+from compress.engine.kernels import EngineLayer, SparseLayer
 
 INDEX_PREFIX = "optimizer-index/"
 
@@ -49,9 +49,6 @@ class SparseEngine:
 
     def __bool__(self) -> bool:
         return bool(self.layers)
-
-    def kernels(self) -> dict[str, LayerKernels]:
-        return {name: layer.kernels for name, layer in self.layers.items()}
 
     def values(self) -> list[torch.Tensor]:
         """The trained-value vectors, the optimizer's parameters for these layers."""
@@ -143,7 +140,8 @@ class SparseEngine:
         return {INDEX_PREFIX + name: layer.index.cpu().to(torch.int32 if layer.weight.numel() < 2**31 else torch.int64)
                 for name, layer in self.layers.items()}
 
-    def parameters_by_name(self) -> dict[str, torch.Tensor]:
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The value vector of every engine layer, by its weight's name."""
         return {name: layer.values for name, layer in self.layers.items()}
 
 
