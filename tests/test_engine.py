@@ -123,8 +123,15 @@ def test_the_engine_takes_plain_linear_and_conv_weights_only():
 
 def test_auto_uses_sparse_kernels_only_on_large_sparse_linear_layers_on_the_cpu():
     big, small, conv = nn.Linear(1000, SAMPLED_MIN_WEIGHTS // 1000 + 1), nn.Linear(10, 10), nn.Conv2d(16, 16, 3)
-    sparse_mask = lambda module, density: torch.rand(module.weight.shape) < density  # noqa: E731
+    def sparse_mask(module, density):  # exactly round(density x size) trained entries, at seeded places
+        mask = torch.zeros(module.weight.numel(), dtype=torch.bool)
+        order = torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(0))
+        mask[order[:round(density * mask.numel())]] = True
+        return mask.reshape(module.weight.shape)
+
     assert choose_kernels("auto", big, sparse_mask(big, 0.01), "prune", CPU) == LayerKernels("sampled", "csr")
+    assert choose_kernels("auto", big, sparse_mask(big, 0.015), "prune", CPU) == LayerKernels("sampled", "dense")
+    assert choose_kernels("auto", big, sparse_mask(big, 0.03), "prune", CPU) == LayerKernels("gather", "dense")
     assert choose_kernels("auto", big, sparse_mask(big, 0.01), "freeze", CPU) == LayerKernels("sampled", "dense")
     assert choose_kernels("auto", big, sparse_mask(big, 0.5), "prune", CPU) == LayerKernels("gather", "dense")
     assert choose_kernels("auto", small, sparse_mask(small, 0.01), "prune", CPU) == LayerKernels("gather", "dense")
