@@ -25,8 +25,8 @@ Part 4 (``--epoch``): one epoch of the issue's run (lenet300, FreezeNet at 1%, F
 ``compress.training.train`` per engine, the engines in turn, twice.
 
 Targets (PASS/FAIL, exit status 0 either way), at density 1%: the lenet300 step at most 0.75x dense in freeze
-mode and 0.6x in prune mode, under ``sparse`` and under ``auto``; optimizer state at most 2% of dense Adam's; under ``auto``, no model
-slower than dense (a ratio at most 1.05, the noise of a shared machine) at any density.
+mode and 0.6x in prune mode, under ``sparse`` and under ``auto``; optimizer state at most 2% of dense Adam's;
+under ``auto``, no model slower than dense (a ratio at most 1.05, the noise of a shared machine) at any density.
 
     python examples/benchmarks/bench_engine.py --quick   # lenet300 and lenet5, a few minutes on 2 cores
     python examples/benchmarks/bench_engine.py           # every model, and the crossover (about 25 min)
@@ -188,7 +188,8 @@ def memory_child(model_name: str, engine: str) -> dict:
         after = torch.cuda.max_memory_allocated() // 1024
     else:
         after = _status_kib("VmHWM")
-    return {"peak_kib": after - before, "state_bytes": trainer.state_bytes(), "training_bytes": trainer.training_bytes()}
+    return {"peak_kib": after - before, "state_bytes": trainer.state_bytes(),
+            "training_bytes": trainer.training_bytes()}
 
 
 def _status_kib(field: str) -> int:
