@@ -64,8 +64,11 @@ class SparseLayer:
         weight = self.module.weight
         self.index = mask.to(weight.device, torch.bool).reshape(-1).nonzero().reshape(-1)
         outputs, fan_in = weight.shape[0], weight[0].numel()
-        self._pattern = _csr(*_csr_structure(self.index, (outputs, fan_in)),
-                             torch.zeros(len(self.index), dtype=weight.dtype, device=weight.device), (outputs, fan_in))
+        self._pattern = None  # the CSR structure of the trained entries, for the sparse kernels only
+        if self.kernels.grad == "sampled" or self.kernels.forward == "csr":
+            self._pattern = _csr(*_csr_structure(self.index, (outputs, fan_in)),
+                                 torch.zeros(len(self.index), dtype=weight.dtype, device=weight.device),
+                                 (outputs, fan_in))
         if self.kernels.forward == "csr":  # W^T in CSR for the input gradient: the entries ordered by column
             transposed = (self.index % fan_in) * outputs + self.index // fan_in
             self._transpose_order = torch.argsort(transposed)
@@ -123,7 +126,7 @@ class SparseLinearFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.save_for_backward(inputs, weight)
         ctx.has_bias = bias is not None
-        if layer.kernels.forward == "csr" and torch.is_autocast_enabled(inputs.device.type) is False:
+        if layer.kernels.forward == "csr" and not torch.is_autocast_enabled(inputs.device.type):
             flat = inputs.reshape(-1, inputs.shape[-1])
             out = torch.sparse.mm(layer.csr_weight(), flat.t()).t()
             if bias is not None:

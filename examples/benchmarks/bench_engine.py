@@ -120,7 +120,9 @@ class Trainer:
         tensors = list(self.model.parameters()) + [p.grad for p in self.model.parameters() if p.grad is not None]
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         for layer in self.engine.layers.values():
-            tensors += [layer.values, layer.index, layer._pattern.crow_indices(), layer._pattern.col_indices()]
+            tensors += [layer.values, layer.index]
+            if layer._pattern is not None:
+                tensors += [layer._pattern.crow_indices(), layer._pattern.col_indices()]
             tensors += [layer.values.grad] if layer.values.grad is not None else []
             tensors += list(getattr(layer, "_transpose_structure", ())) + [getattr(layer, "_transpose_order", None)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -244,7 +246,8 @@ def crossover() -> None:
 
 def epoch_times(rounds: int = 2) -> None:
     """The issue's runs: one epoch of ``compress.training.train`` on Fashion-MNIST (lenet300, FreezeNet at 1%) per
-    engine, the engines in turn, ``rounds`` times; the steps' median and the epoch, as the run logs it."""
+    engine, the engines in turn, ``rounds`` times; the steps' median, the epoch as the run logs it, and the bytes
+    of optimizer state its checkpoint would hold."""
     from compress.config import build_config
     from compress.run.pipeline import prepare
 
@@ -257,13 +260,15 @@ def epoch_times(rounds: int = 2) -> None:
             prepared = prepare(config, quiet=True)
             model, plan = prepared.model, prepared.plan
             constraint = MaskConstraint(model, plan, initial_values(model, prepared.config.seed, list(plan.masks)))
-            stamps = []
+            stamps, state_bytes = [], []
             history = train(model, prepared.data, prepared.config.train_settings(), constraint,
                             seed=prepared.config.seed, device=torch.device("cpu"), progress=False,
-                            on_step_end=lambda step: stamps.append(time.perf_counter()))
+                            on_step_end=lambda step: stamps.append(time.perf_counter()),
+                            on_epoch_end=lambda epoch, metrics, tensors: state_bytes.append(
+                                sum(t.numel() * t.element_size() for t in tensors.values())))
             step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
             cells.append(f"{engine} {history[-1]['seconds']:.2f} s (step {step * 1e3:.2f} ms, test acc "
-                         f"{history[-1]['test_acc']:.2%})")
+                         f"{history[-1]['test_acc']:.2%}, optimizer state {state_bytes[-1]:,} B)")
         print(f"  round {round_number + 1}: " + "; ".join(cells), flush=True)
 
 
