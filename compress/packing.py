@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import safetensors
-import safetensors.torch
 import torch
 
 from compress.config import STORED_RUN_DEFAULTS
@@ -15,7 +14,7 @@ from formats.interspace import to_interspace, to_standard_state_dict
 from formats.models import build_model
 from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
 from compress.run.rundir import read_json_object, read_tensor_file
-from formats.artifact import VALUE_DTYPES, write_artifact
+from formats.artifact import VALUE_DTYPES, dense_fp32_bytes, write_artifact
 from formats.atomic import check_output_file, write_atomic
 
 LAYOUTS = ("compact", "plain")  # format version 5 (entropy-coded) or versions 1 to 4 (one tensor per stored tensor)
@@ -42,13 +41,12 @@ def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 def check_run_consistency(state: dict, masks: dict, mode: str, seed: int, model: torch.nn.Module) -> None:
     """Untrained entries must be exactly zero (prune) or exactly the seeded init (freeze)."""
     rules = init_rules(model)
-    for name, mask in masks.items():
-        untrained = state[name][~mask]
+    for name, mask in masks.items():  # boolean tensors only: no copy of the (mostly untrained) entries
         if mode == "prune":
-            expected = torch.zeros_like(untrained)
+            differs = state[name] != 0
         else:
-            expected = rules[name].generate(seed, name, state[name].shape)[~mask]
-        if not torch.equal(untrained, expected):
+            differs = state[name] != rules[name].generate(seed, name, state[name].shape)
+        if bool(differs.logical_and_(~mask).any()):
             what = "zero" if mode == "prune" else "their seeded initial value"
             raise UserError(f"run is inconsistent: untrained entries of {name} are not {what}")
 
@@ -110,7 +108,9 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
     masks = {k: v.bool() for k, v in _read_tensors(masks_path, "masks").items()} if masks_path.is_file() else {}
     architecture = {"model": summary["model"], "input_shape": summary["input_shape"],
                     "num_classes": summary["num_classes"]}
-    model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"])
+    # shapes and init rules only, unless the model evaluates: a meta model costs no memory
+    model = build_model(architecture["model"], tuple(architecture["input_shape"]), architecture["num_classes"],
+                        device=None if evaluate else "meta")
     interspace = summary.get("interspace")
     if interspace:
         to_interspace(model, interspace["basis"], interspace["trainable_basis"])
@@ -138,7 +138,7 @@ def pack_run(run_dir: str | Path, out: str | Path, values: str = "fp16", force: 
                      "numpy": np.__version__, "safetensors": safetensors.__version__},
     }
     plain = to_standard_state_dict(state, interspace["layers"]) if interspace else state
-    dense_bytes = len(safetensors.torch.save({k: v.float() if v.is_floating_point() else v for k, v in plain.items()}))
+    dense_bytes = dense_fp32_bytes(plain)
     def encode() -> bytes:
         return write_artifact(
             state, masks, mode=mode, seed=config["seed"], architecture=architecture, init_rules=rules,

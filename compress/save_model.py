@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 
@@ -19,7 +18,7 @@ from compress.errors import UserError
 from compress.init import init_rules
 from compress.packing import check_run_consistency
 from compress.sparsify import Sparse
-from formats.artifact import VALUE_DTYPES, custom_architecture, parse_artifact, write_artifact
+from formats.artifact import VALUE_DTYPES, custom_architecture, dense_fp32_bytes, parse_artifact, write_artifact
 from formats.atomic import check_output_file, write_atomic
 from formats.rng import GENERATOR_NAME, GENERATOR_VERSION
 
@@ -60,8 +59,7 @@ def save(model: nn.Module, path: str | Path, sparse: Sparse | None = None, *, va
         "test_acc": None, "normalization": {}, **(manifest or {}),
     }
     state = {name: tensor.contiguous() for name, tensor in state.items()}  # channels_last models too
-    dense_bytes = len(safetensors.torch.save({k: v.float().contiguous() if v.is_floating_point() else v
-                                              for k, v in state.items()}))
+    dense_bytes = dense_fp32_bytes(state)
     try:
         data = write_artifact(state, masks, mode=mode, seed=seed,
                               architecture=custom_architecture(type(model).__qualname__, state), init_rules=rules,

@@ -82,6 +82,61 @@ def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tied & (torch.cumsum(tied, 0) <= needed))
 
 
+_BITS_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _order_key(value: float, dtype: torch.dtype) -> int:
+    """An integer in the order of the floats of ``dtype``: the bit pattern, negative ones with the magnitude bits
+    flipped (equal floats, 0.0 and -0.0 included, get equal keys)."""
+    bits = int(torch.tensor([value + 0.0], dtype=dtype).view(_BITS_OF[dtype]))
+    return bits ^ torch.iinfo(_BITS_OF[dtype]).max if bits < 0 else bits
+
+
+def _float_of_key(key: int, dtype: torch.dtype) -> float:
+    """The float of ``dtype`` whose order key is ``key`` (the inverse of ``_order_key``)."""
+    bits = key ^ torch.iinfo(_BITS_OF[dtype]).max if key < 0 else key
+    return float(torch.tensor([bits], dtype=_BITS_OF[dtype]).view(dtype))
+
+
+def top_k_over(values: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Flat boolean masks of the k largest entries of ``values`` taken together, ties broken by position
+    (earlier tensor, then lower index): ``_top_k_flat`` of their concatenation, without concatenating them.
+
+    The k-th largest value is found by bisection over the order keys of the floats between the smallest and
+    the largest value (at most 32 counting passes for float32 scores, 64 for others, which are compared as
+    float64), so no copy of the scores is made: a concatenated ``kthvalue`` needs a copy, a sort buffer and
+    int64 indices, 7x the float32 scores of a large model.
+    """
+    n = sum(value.numel() for value in values)
+    if k >= n or k <= 0:
+        return [torch.full((value.numel(),), k > 0, dtype=torch.bool, device=value.device) for value in values]
+    exact_in_float32 = (torch.float16, torch.bfloat16, torch.float32)
+    dtype = torch.float32 if all(value.dtype in exact_in_float32 for value in values) else torch.float64
+    flat = [value.detach().flatten() for value in values if value.numel()]  # .to(dtype) below copies only a
+    # tensor of another dtype, one at a time
+    low = _order_key(min(float(value.to(dtype).min()) for value in flat), dtype)
+    high = _order_key(max(float(value.to(dtype).max()) for value in flat), dtype)
+    while low < high:  # the largest key that at least k values reach: the k-th largest value's
+        middle = (low + high + 1) // 2
+        threshold = _float_of_key(middle, dtype)
+        if sum(int(torch.count_nonzero(value.to(dtype) >= threshold)) for value in flat) >= k:
+            low = middle
+        else:
+            high = middle - 1
+    threshold = _float_of_key(low, dtype)
+    needed = k - sum(int(torch.count_nonzero(value.to(dtype) > threshold)) for value in flat)
+    masks = []
+    for value in values:
+        value = value.detach().flatten().to(dtype)
+        mask = value > threshold
+        if needed > 0:  # the first ``needed`` ties in order (their positions only: ties are few)
+            tied = (value == threshold).nonzero().flatten()
+            mask[tied[:needed]] = True
+            needed -= tied.numel()
+        masks.append(mask)
+    return masks
+
+
 def top_k_masks(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
     """Masks keeping the highest scores at ``density`` with ``scope`` (global, layer or erk)."""
     density = check_density(density)
@@ -97,13 +152,9 @@ def top_k_masks(scores: dict[str, torch.Tensor], density: float, scope: str) -> 
             .to(value.device)
             for name, value in scores.items()
         }
-    flat = torch.cat([value.detach().flatten().double().cpu() for value in scores.values()])
-    keep = _top_k_flat(flat, round(density * flat.numel()))
-    masks, offset = {}, 0
-    for name, value in scores.items():
-        masks[name] = keep[offset : offset + value.numel()].reshape(value.shape).to(value.device)
-        offset += value.numel()
-    return masks
+    total = sum(value.numel() for value in scores.values())
+    keep = top_k_over(list(scores.values()), round(density * total))
+    return {name: mask.reshape(value.shape) for (name, value), mask in zip(scores.items(), keep)}
 
 
 @dataclass(frozen=True)

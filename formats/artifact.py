@@ -38,6 +38,13 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
                 "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KNOWN_GENERATORS = {("philox4x32-10", 1)}
+# Every torch dtype a safetensors file holds, by its safetensors name, and the order safetensors.torch.save lays
+# the tensors out in (by dtype in this order, then by name): dense_fp32_bytes computes that file's size.
+SAFETENSORS_DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                           torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+                           torch.uint32: "U32", torch.float32: "F32", torch.int64: "I64", torch.uint64: "U64",
+                           torch.float64: "F64"}
+_SAFETENSORS_LAYOUT_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
 DENSE_INTEGER_DTYPES = {"I64", "I32", "U8", "I8", "BOOL"}
 MAX_ELEMENTS = 2**28  # largest architecture a loader rebuilds unless told otherwise (1 GiB of float32)
 MAX_FILE_BYTES = 2**40
@@ -77,6 +84,23 @@ class Artifact:
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
+
+
+def dense_fp32_bytes(state: dict[str, torch.Tensor]) -> int:
+    """The size of the safetensors file of ``state`` with every floating tensor in fp32 (what
+    ``safetensors.torch.save`` writes: header, padded to 8 bytes, then the data), from names, dtypes and shapes
+    alone: serialising a large model only to count its bytes would hold two more copies of it."""
+    entries = []
+    for name, tensor in state.items():
+        dtype = "F32" if tensor.is_floating_point() else SAFETENSORS_DTYPE_NAMES[tensor.dtype]
+        entries.append((_SAFETENSORS_LAYOUT_ORDER.index(dtype), name, dtype, list(tensor.shape),
+                        tensor.numel() * (4 if dtype == "F32" else tensor.element_size())))
+    header, offset = {}, 0
+    for _, name, dtype, shape, size in sorted(entries):
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return 8 + text + (-text % 8) + offset
 
 
 def write_artifact(

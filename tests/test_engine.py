@@ -187,6 +187,24 @@ def test_the_sparse_engines_optimizer_state_is_a_few_percent_of_the_dense_one(da
     assert size(sparse_state) < 0.03 * size(dense_state)
 
 
+def test_checkpoint_indices_take_the_narrowest_integer_type_of_their_weight():
+    from compress.engine.session import index_dtype
+
+    assert [index_dtype(n) for n in (1, 2**16, 2**16 + 1, 2**31 - 1, 2**31)] == [
+        torch.uint16, torch.uint16, torch.int32, torch.int32, torch.int64]
+    model = initialise(build_model("lenet300", (1, 28, 28), 10), 0)  # fc1 235,200 entries, fc2 30,000, fc3 1,000
+    masks = {name: torch.rand(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(1)) < 0.05
+             for name in ("fc1.weight", "fc2.weight", "fc3.weight")}
+    plan = Plan("prune", masks, 0.05, "global", "test")
+    engine = SparseEngine.build("sparse", model, MaskConstraint(model, plan), CPU)
+    stored = engine.index_tensors()
+    assert {name: t.dtype for name, t in stored.items()} == {"optimizer-index/fc1.weight": torch.int32,
+                                                           "optimizer-index/fc2.weight": torch.uint16,
+                                                           "optimizer-index/fc3.weight": torch.uint16}
+    for name, mask in masks.items():
+        assert torch.equal(stored[f"optimizer-index/{name}"].long(), mask.reshape(-1).nonzero().reshape(-1))
+
+
 def test_adamw_decays_only_the_trained_entries_under_both_engines(data):
     for engine in ("dense", "sparse"):
         model, plan, initial, _, _ = train_with(engine, "lenet300", "freeze", data, "adamw")
@@ -325,6 +343,9 @@ def test_an_unknown_engine_is_a_user_error():
     (lambda t: t.update({"optimizer-index/fc1.weight": t["optimizer-index/fc1.weight"].float()}), "not a sorted index"),
     (lambda t: t.update({"optimizer-index/fc1.weight": t["optimizer-index/fc1.weight"] + 10**7}), "not a sorted index"),
     (lambda t: t.update({"optimizer-index/nope.weight": t["optimizer-index/fc1.weight"].clone()}),
+     "not a sorted index"),
+    (lambda t: t["optimizer-index/fc2.weight"].__setitem__(-1, 40_000), "not a sorted index"),  # uint16, > 30,000
+    (lambda t: t.update({"optimizer-index/fc2.weight": t["optimizer-index/fc2.weight"].to(torch.int16)}),
      "not a sorted index"),
     (lambda t: t.pop("optimizer/fc1.weight/momentum_buffer"), "no state of fc1.weight"),
     (lambda t: t.update({"optimizer/fc1.weight/momentum_buffer": t["optimizer/fc1.weight/momentum_buffer"][:-1]}),

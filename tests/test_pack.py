@@ -337,3 +337,16 @@ def test_info_of_an_artifact_with_zero_dense_bytes_is_a_one_line_error(packed, r
     data = resign_schema(packed("prune").read_bytes(), lambda schema: schema.__setitem__("dense_fp32_bytes", 0))
     code, _, err = run_cli(["info", _file_with(tmp_path, data)], capsys)
     assert code == 2 and err.startswith("error: ") and "dense_fp32_bytes" in err
+
+
+@pytest.mark.parametrize("model_name, shape", [("lenet300", (1, 28, 28)), ("resnet20", (3, 32, 32)),
+                                                ("tv:resnet18", (3, 32, 32))])
+def test_dense_fp32_bytes_is_the_size_of_the_safetensors_file_without_writing_it(model_name, shape):
+    from formats.artifact import SAFETENSORS_DTYPE_NAMES, dense_fp32_bytes
+
+    state = dict(build_model(model_name, shape, 10).state_dict())  # int64 BatchNorm counters in the resnets
+    state.update({f"extra.{name}": torch.ones(2, 3, dtype=dtype) for dtype, name in SAFETENSORS_DTYPE_NAMES.items()})
+    state.update(scalar=torch.tensor(1.0), empty=torch.zeros(0, 2))
+    written = safetensors.torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    assert dense_fp32_bytes(state) == len(written)
+    assert dense_fp32_bytes({}) == len(safetensors.torch.save({}))

@@ -360,3 +360,20 @@ def test_a_collapsed_layer_under_on_collapse_error_stays_an_error(tmp_path, caps
                          "--on-collapse", "error", "--out", out], capsys)
     one_line_error(code, err, "layer collapse")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_files_are_safetensors_streamed_tensor_by_tensor_and_read_back_exactly(tmp_path):
+    from compress.run.rundir import write_tensors
+    from formats.artifact import SAFETENSORS_DTYPE_NAMES
+
+    tensors = {f"t.{name}": (torch.arange(6) % 3).to(dtype).reshape(2, 3) for dtype, name in SAFETENSORS_DTYPE_NAMES.items()}
+    tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 4), transposed=torch.arange(12.0).reshape(3, 4).t())
+    path = tmp_path / "x.safetensors"
+    write_tensors(path, tensors, {"format": "test"})
+    back = load_file(str(path))
+    assert sorted(back) == sorted(tensors)
+    for name, value in tensors.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value), name
+    with safe_open(str(path), "pt") as file:
+        assert file.metadata() == {"format": "test"}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary left

@@ -131,22 +131,26 @@ def test_random_known_answer_is_the_seeded_portable_stream():
     assert not torch.equal(result["2.weight"], score(model, "random", [], seed=10)["2.weight"])
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("name", SCORES.names())
-def test_every_score_is_finite_deterministic_and_leaves_the_model_untouched(name):
-    model = tiny_cnn()
-    model.train()
+def test_every_score_is_finite_deterministic_and_leaves_the_model_untouched(name, training, mode):
+    """Scores run on the caller's model itself (no copy): its values, dtypes, flags and gradients stay as
+    they were, BatchNorm's running statistics included, in both score modes."""
+    model = tiny_cnn().train(training)
     before = copy.deepcopy(model.state_dict())
     batches = batch(shape=(1, 6, 6))
-    first = score(model, name, batches, density=0.2, seed=1)
-    second = score(model, name, batches, density=0.2, seed=1)
+    first = score(model, name, batches, density=0.2, seed=1, mode=mode)
+    second = score(model, name, batches, density=0.2, seed=1, mode=mode)
     assert set(first) == {"0.weight", "4.weight"}
     for param, value in first.items():
         assert value.dtype == torch.float32 and value.shape == model.get_parameter(param).shape
         assert torch.isfinite(value).all()
         assert torch.equal(value, second[param])
-    assert model.training
+    assert all(module.training == training for module in model.modules())
     for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["snip", "grasp"])

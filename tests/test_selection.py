@@ -116,3 +116,49 @@ def test_topk_selector_is_select_and_is_labelled_by_the_score_name():
     assert plan.score == "snip" and SELECTORS.get("topk").describe(["snip"], {}) == "snip"
     reference = select(scores, 0.1, "layer")
     assert all(torch.equal(plan.masks[k], reference.masks[k]) for k in scores)
+
+
+def _random_score_tensors(generator, trial):
+    """A few flat tensors of scores with many ties, signed zeros, infinities and mixed dtypes."""
+    parts = []
+    for _ in range(int(torch.randint(1, 5, (1,), generator=generator))):
+        n = int(torch.randint(0, 40, (1,), generator=generator))
+        value = torch.randint(-3, 4, (n,), generator=generator).float() * 0.5
+        if trial % 3 == 0:
+            value = torch.randn(n, generator=generator)
+        if trial % 4 == 0:
+            value[value == 0] = -0.0
+        if trial % 5 == 0 and n:
+            value[0] = float("-inf") if trial % 10 else float("inf")
+        if trial % 7 == 0:
+            value = value.double()
+        if trial % 11 == 0:
+            value = value.half()
+        parts.append(value)
+    return parts
+
+
+def test_top_k_over_tensors_is_the_top_k_of_their_concatenation_for_any_k():
+    from compress.selection import _top_k_flat, top_k_over
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(44):
+        parts = _random_score_tensors(generator, trial)
+        together = torch.cat([part.double() for part in parts])
+        for k in [-1, 0, 1, 2, *range(3, together.numel() - 1, 5), together.numel() - 1, together.numel(), together.numel() + 1]:
+            chosen = top_k_over(parts, k)
+            assert [mask.numel() for mask in chosen] == [part.numel() for part in parts]
+            assert torch.equal(torch.cat(chosen), _top_k_flat(together, k)), (trial, k)
+
+
+def test_global_selection_of_a_large_model_makes_no_copy_of_its_scores():
+    import resource
+
+    scores = {f"w{i}": torch.rand(6_000_000) for i in range(4)}  # 92 MiB of float32 scores
+    current_kib = int(open("/proc/self/statm").read().split()[1]) * 4096 // 1024
+    before = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, current_kib)
+    masks = top_k_masks(scores, 0.01, "global")
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert sum(int(m.sum()) for m in masks.values()) == 240_000
+    # the masks are a quarter of the scores; concatenating them as float64 for kthvalue grew it by 6.5x
+    assert grown < 0.75 * 92 * 1024, f"selection grew the peak by {grown / 1024:.0f} MiB for 92 MiB of scores"

@@ -226,9 +226,10 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], model: nn.Module, setting
 
 
 def _valid_index(index: torch.Tensor, size: int) -> bool:
-    """A 1-D int32/int64 tensor of strictly increasing flat positions below ``size``."""
-    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+    """A 1-D uint16/int32/int64 tensor of strictly increasing flat positions below ``size``."""
+    if index.dtype not in (torch.uint16, torch.int32, torch.int64) or index.dim() != 1:
         return False
     if index.numel() == 0:
         return True
+    index = index.to(torch.int64)  # uint16 has no comparisons on the CPU
     return bool(index[0] >= 0) and bool(index[-1] < size) and bool((index[1:] > index[:-1]).all())

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
+from formats.artifact import SAFETENSORS_DTYPE_NAMES
 from formats.atomic import write_atomic
 from formats.errors import UserError
 
@@ -78,7 +79,26 @@ def write_json(path: Path, value) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    """A safetensors file of ``tensors`` written atomically, streamed tensor by tensor from their memory:
+    ``safetensors.torch.save`` would first build the whole file in memory, a second copy of a large model."""
+    ordered = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # aligned data offsets
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in ordered:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+
+    def write(file) -> None:
+        file.write(len(text).to_bytes(8, "little") + text)
+        for name in ordered:  # one tensor at a time: a copy only of a tensor not contiguous on the CPU
+            file.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    write_atomic(path, write)
 
 
 def read_json(path: Path, fix: str):

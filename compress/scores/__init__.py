@@ -1,16 +1,19 @@
 """Pruning scores: one module per score, registered in ``SCORES``; higher score = more worth training.
 
 A score function takes ``(model, batches, params, context)`` and returns a dict from parameter name to
-a tensor of the parameter's shape. It may modify ``model`` freely: ``score`` hands it a private copy,
-so the caller's model is never touched (a classic bug of public SNIP/GraSP code), and runs it under a
-forked, seeded global RNG, so dropout is reproducible and the caller's RNG state is left as it was.
+a tensor of the parameter's shape. It gets the caller's model, not a copy (a copy would double the memory of
+scoring a large model): it must leave the parameters as they are (SynFlow, which linearises the network,
+works on a copy of its own), while ``score`` restores every module's train/eval flag and the buffers (the
+running statistics that a forward in train mode updates) afterwards, so the caller's model is never touched
+(a classic bug of public SNIP/GraSP code); a registry-wide test holds every score to this. ``score`` runs it
+under a forked, seeded global RNG, so dropout is reproducible and the caller's RNG state is left as it was.
 """
 from __future__ import annotations
 
 from compress.errors import UserError
-import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -110,14 +113,31 @@ def score(
         for index in devices:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(rng_seed)
-        scores = function(copy.deepcopy(model), batches, params, context)
+        with kept_state(model):
+            scores = function(model, batches, params, context)
     result = {}
     for param in params:
-        value = scores[param].detach().to("cpu", torch.float32)
+        value = scores.pop(param).detach().to("cpu", torch.float32)  # pop: one copy of a large model's scores
         if value.shape != known[param].shape:
             raise RuntimeError(f"score {name!r} returned shape {tuple(value.shape)} for {param}")
         result[param] = context.restrict(param, value)
     return result
+
+
+@contextmanager
+def kept_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval flag and every buffer's value on leaving (a score may run the model in
+    train mode, which updates BatchNorm's running statistics); the buffers are small next to the parameters."""
+    flags = [(module, module.training) for module in model.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        for module, training in flags:
+            module.training = training
 
 
 def cuda_devices(model: nn.Module) -> list[int]:

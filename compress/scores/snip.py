@@ -12,13 +12,15 @@ def loss_gradients(model, batches, params, temperature: float = 1.0, mode: str =
     ``mode`` (eval by default, as the references: BatchNorm on its running statistics, no dropout)."""
     weights = parameters_by_name(model, params)
     model.train(mode == "train")
-    total = [torch.zeros_like(w) for w in weights]
+    total: list[torch.Tensor | None] = [None] * len(weights)
     for inputs, labels in batches:
         loss = F.cross_entropy(model(inputs) / temperature, labels)
-        for acc, grad in zip(total, torch.autograd.grad(loss, weights, allow_unused=True)):
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        for i, grad in enumerate(grads):  # the first batch's gradients are the sums: no extra copy
             if grad is not None:
-                acc.add_(grad)
-    return total
+                total[i] = grad if total[i] is None else total[i].add_(grad)
+        del grads
+    return [torch.zeros_like(w) if t is None else t for w, t in zip(weights, total)]
 
 
 @SCORES.register("snip")
@@ -28,7 +30,8 @@ def snip_score(model, batches, params, context):
     require_batches("snip", batches)
     weights = parameters_by_name(model, params)
     grads = loss_gradients(model, batches, params, mode=context.mode)
-    raw = [context.restrict(p, (w.detach() * g).abs()) for p, w, g in zip(params, weights, grads)]
+    raw = [context.restrict(p, g.mul_(w.detach()).abs_()) for p, w, g in zip(params, weights, grads)]  # in place
+    del grads
     total = sum(float(r.sum()) for r in raw)
     scale = 1.0 / total if total > 0 else 1.0
-    return {p: r * scale for p, r in zip(params, raw)}
+    return {p: r.mul_(scale) for p, r in zip(params, raw)}

@@ -10,6 +10,8 @@ top-k of the returned score, with the same scope, is the iterative mask.
 """
 from __future__ import annotations
 
+import copy
+
 from compress.errors import UserError
 import torch
 
@@ -67,6 +69,7 @@ def synflow_composed_score(model, batches, params, context):
 
 def _iterative(model, batches, params, context, composed: bool):
     input_shape = input_shape_of(batches, model)
+    model = copy.deepcopy(model)  # linearising changes the parameters: a copy, so the caller's stay as they are
     layers = {f"{name}.coefficients": module for name, module in model.named_modules()
               if isinstance(module, InterspaceConv2d)} if composed else {}
     signed = {name: (module.coefficients.detach().double().clone(), module.basis.detach().double().clone())

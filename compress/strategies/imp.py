@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress.selection import Plan, _top_k_flat
+from compress.selection import Plan, _top_k_flat, top_k_over
 from compress.strategies import LevelContext, LevelStart, Strategy, register
 from compress.training import derived_seed
 from formats.errors import UserError
@@ -59,12 +59,8 @@ def _keep_top(scores: dict[str, torch.Tensor], keep: dict[str, int] | int) -> di
     """Masks of the ``keep`` highest scores: over all tensors (an int) or per tensor (a dict)."""
     if isinstance(keep, dict):
         return {name: _top_k_flat(s.flatten().double(), keep[name]).reshape(s.shape) for name, s in scores.items()}
-    flat = _top_k_flat(torch.cat([s.flatten().double() for s in scores.values()]), keep)
-    masks, offset = {}, 0
-    for name, s in scores.items():
-        masks[name] = flat[offset : offset + s.numel()].reshape(s.shape)
-        offset += s.numel()
-    return masks
+    chosen = top_k_over(list(scores.values()), keep)
+    return {name: mask.reshape(s.shape) for (name, s), mask in zip(scores.items(), chosen)}
 
 
 def _keep(trained: int, fraction: float, target: int | None) -> int:

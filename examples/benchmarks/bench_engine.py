@@ -109,10 +109,11 @@ class Trainer:
             torch.cuda.synchronize()
 
     def state_bytes(self) -> int:
-        """Adam's state as a checkpoint keeps it: the moments and step counters, and the engine's int32 indices."""
+        """Adam's state as a checkpoint keeps it: the moments and step counters, and the engine's indices (uint16
+        for weights of up to 65,536 entries, else int32)."""
         total = sum(v.numel() * v.element_size() for state in self.optimizer.state.values()
                     for v in state.values() if torch.is_tensor(v))
-        return total + sum(len(layer.index) * 4 for layer in self.engine.layers.values())
+        return total + sum(index.numel() * index.element_size() for index in self.engine.index_tensors().values())
 
     def training_bytes(self) -> int:
         """Every tensor training keeps between steps: parameters, gradients, optimizer state and the engine's value
