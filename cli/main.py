@@ -59,7 +59,9 @@ def selection_options(function):
                      "[default: 1x28x28 for synthetic; for an image folder 1 or 3 channels as its images are, 32x32]."),
         click.option("--workers", type=int, help="DataLoader processes that decode an image folder's batches while "
                      "the model trains (imagefolder: images are read lazily, so memory does not grow with the "
-                     "folder); a runtime option, not part of the run's identity [default: 0, in this process]."),
+                     "folder), or gather the batches of a built-in set held in memory; the batches are the same "
+                     "with any number; a runtime option, not part of the run's identity [default: 0, in this "
+                     "process]."),
         click.option("--augment", type=click.Choice(AUGMENTS), help="Training augmentation for any data set: "
                      "flip-crop (random crop of the image padded by an eighth of its height, horizontal flip of "
                      "half the batch) or none [default: flip-crop for CIFAR, none otherwise]."),

@@ -57,6 +57,19 @@ def test_batches_are_the_same_with_any_number_of_workers_and_as_in_memory(tmp_pa
             assert torch.equal(x, rx) and torch.equal(y, ry), workers
 
 
+@pytest.mark.parametrize("augment", ["none", "flip-crop"])
+def test_an_in_memory_set_gives_the_same_batches_through_dataloader_workers(augment):
+    loaded = {workers: load_data("synthetic", subset=100, val_split=0.2, augment=augment, workers=workers)
+              for workers in (0, 2)}
+    assert all(split.workers == 2 for split in (loaded[2].train, loaded[2].val, loaded[2].test))
+    for name in ("train", "val", "test"):
+        drawn = [list(getattr(data, name).batches(16, shuffle=True, generator=torch.Generator().manual_seed(5),
+                                                  train=True)) for data in loaded.values()]
+        assert len(drawn[0]) == len(drawn[1]) > 1
+        for (x, y), (rx, ry) in zip(*drawn):
+            assert torch.equal(x, rx) and torch.equal(y, ry), name
+
+
 def test_augment_applies_to_any_data_set_and_none_turns_it_off(tmp_path):
     plain = load_data("synthetic", subset=64)
     augmented = load_data("synthetic", subset=64, augment="flip-crop")

@@ -1,6 +1,7 @@
 """``load_data``: a data set by name, with a seeded training subset and validation split."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from compress.data.registry import DATASETS, _FIXED, default_data_root
-from compress.data.split import Data
+from compress.data.split import Data, Split
 from compress.errors import UserError, UserTypeError
 
 
@@ -70,7 +71,7 @@ def load_data(
     after a shuffle seeded by ``seed``; ``val_split=f`` then holds out ``round(f * n)`` of them as ``val``.
     The test split is never touched. ``augment`` (``AUGMENTS``) augments the training batches: ``flip-crop``
     or ``none`` (default: the set's own, flip-crop for CIFAR); ``workers`` are the DataLoader processes that
-    decode an image folder's batches (0: in this process).
+    decode an image folder's batches, or gather an in-memory set's (0: in this process; the batches are the same).
     """
     if augment is not None and augment not in AUGMENTS:
         raise UserError(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENTS)}")
@@ -98,6 +99,9 @@ def load_data(
     data = DATASETS.get(key)(root_path, arg=arg, shape=shape, num_classes=num_classes, seed=int(seed),
                              workers=workers)
 
+    if workers and isinstance(data.train, Split):  # in-memory sets: the workers gather the batches' samples
+        data = dataclasses.replace(data, train=dataclasses.replace(data.train, workers=workers),
+                                   test=dataclasses.replace(data.test, workers=workers))
     g = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
     train = data.train if augment is None else data.train.select(torch.arange(len(data.train)),
                                                                  augment=augment == "flip-crop")

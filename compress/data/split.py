@@ -17,7 +17,9 @@ class Split:
     ``x`` is uint8 ``(N, C, H, W)`` (scaled by 1/255 in :meth:`batches`) or floating point (used as is);
     ``y`` is int64 ``(N,)``. ``mean``/``std`` are per-channel constants applied after scaling.
     ``augment`` turns on CIFAR-style augmentation (zero-pad 4, random crop, random horizontal flip) for
-    ``batches(..., train=True)``.
+    ``batches(..., train=True)``. ``workers`` > 0 gathers the batches' samples in that many DataLoader processes
+    (``--workers``), which share the tensors with this one; the batches are the same as with 0 (the order,
+    augmentation and normalisation stay in this process).
     """
 
     x: torch.Tensor
@@ -25,6 +27,7 @@ class Split:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
@@ -55,7 +58,8 @@ class Split:
     def select(self, index: torch.Tensor, augment: bool | None = None) -> "Split":
         """The samples at ``index`` (a 1-D index tensor), same normalisation (and augmentation, unless ``augment``
         says)."""
-        return Split(self.x[index], self.y[index], self.mean, self.std, self.augment if augment is None else augment)
+        return Split(self.x[index], self.y[index], self.mean, self.std, self.augment if augment is None else augment,
+                     self.workers)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw batch (uint8 or float) -> float32 normalised batch."""
@@ -91,15 +95,38 @@ class Split:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else None
-        for start in range(0, n, batch_size):
-            if order is None:
-                xb, yb = self.x[start : start + batch_size], self.y[start : start + batch_size]
-            else:
-                idx = order[start : start + batch_size]
-                xb, yb = self.x[idx], self.y[idx]
+        if self.workers:
+            plan = [(order[start : start + batch_size] if order is not None else torch.arange(start, min(n, start + batch_size)))
+                    for start in range(0, n, batch_size)]
+            raw = iter(torch.utils.data.DataLoader(_Rows(self.x, self.y), batch_sampler=plan, num_workers=self.workers,
+                                                   collate_fn=_as_batch, persistent_workers=False))
+        else:
+            raw = ((self.x[start : start + batch_size], self.y[start : start + batch_size]) if order is None else
+                   (self.x[order[start : start + batch_size]], self.y[order[start : start + batch_size]])
+                   for start in range(0, n, batch_size))
+        for xb, yb in raw:
             if augment:
                 xb = crop_flip_pad(xb, generator)  # type: ignore[arg-type]
             yield self.normalise(xb), yb
+
+
+class _Rows(torch.utils.data.Dataset):
+    """The samples of a split's tensors, fetched a batch at a time (``__getitems__``) in a DataLoader worker."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitems__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = torch.as_tensor(index, dtype=torch.int64)
+        return self.x[chosen], self.y[chosen]
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate function: a batch is already formed by ``_Rows.__getitems__``."""
+    return batch
 
 
 def normalise_batch(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
