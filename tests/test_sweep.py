@@ -47,12 +47,16 @@ def test_the_full_plan_has_every_model_method_density_and_seed(sweep):
     assert {r.density for r in lenet} == {1.0, *sweep.LENET_DENSITIES}
     assert all("subset" not in r.options and r.options["epochs"] == 10 for r in lenet)
     resnet = sweep.plan_runs(["resnet"], 3, 10, None, 10, 5000)
-    assert len(resnet) == 3 * (1 + 3 * 2 * 3 + 3 * 3 + 3) == 93  # + snip/grasp score modes, synflow-composed (ip)
+    # dense, 3 methods standard and +ip at 3 densities, snip/grasp score modes, synflow-composed+ip, 3 +ip-budget
+    assert len(resnet) == 3 * (1 + 3 * 2 * 3 + 3 * 3 + 3 + 3 * 3) == 120
+    budget = [r for r in resnet if r.method.endswith("+ip-budget")]
+    assert len(budget) == 27 and all(r.options["interspace"] and r.options["basis_in_budget"] for r in budget)
     score_modes = {r.method: r.options.get("score_mode") for r in resnet}
     assert score_modes["snip-eval"] == "eval" and score_modes["grasp"] == "train" and score_modes["snip"] is None
     assert {r.method for r in resnet} == {"dense", "snip", "snip+ip", "synflow", "synflow+ip", "freezenet", "freezenet+ip",
-                                          "synflow-composed+ip", "snip-eval", "grasp", "grasp-eval"}
-    assert all(r.options["interspace"] == r.method.endswith("+ip") for r in resnet if r.method != "dense")
+                                          "synflow-composed+ip", "snip-eval", "grasp", "grasp-eval", "snip+ip-budget",
+                                          "synflow+ip-budget", "freezenet+ip-budget"}
+    assert all(r.options["interspace"] == ("+ip" in r.method) for r in resnet if r.method != "dense")
     assert all(r.options["subset"] == 5000 and r.options["eval_every"] == 10 for r in resnet)
     assert len({r.path for r in lenet + resnet}) == len(lenet + resnet)
 
@@ -180,7 +184,7 @@ def test_estimate_uses_recorded_times_of_the_same_model_and_settings(sweep):
 def test_dry_run_lists_what_is_left_and_bad_arguments_are_refused(sweep, tmp_path, capsys):
     sweep.main(["--dry-run", "--part", "resnet", "--only-seed", "2", "--results", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "31 runs planned, 0 recorded, 31 to run" in out and "resnet/resnet20/snip+ip/d0.02/s2" in out
+    assert "40 runs planned, 0 recorded, 40 to run" in out and "resnet/resnet20/snip+ip/d0.02/s2" in out
     sweep.main(["--dry-run", "--part", "resnet", "--methods", "snip+ip,dense", "--densities", "0.02,1",
                 "--results", str(tmp_path)])
     listed = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]

@@ -29,8 +29,10 @@ dense closes with longer training (the FreezeNet paper's 99.2% of dense was afte
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
 seed has its own and every method of a seed the same; test: all 10k),
 dense and standard against interspace pruning for SNIP, SynFlow and FreezeNet at densities 10%, 5%, 2%,
-and SynFlow through the absolute composed filters (synflow-composed+ip, interspace only), 3 seeds, 10 epochs, tested after the last epoch only (--eval-every 10, the test pass would cost a third
-of the time).
+SynFlow through the absolute composed filters (synflow-composed+ip, interspace only), and interspace pruning
+with its trained bases counted inside the density (snip/synflow/freezenet+ip-budget: --basis-in-budget), 3
+seeds, 10 epochs, tested after the last epoch only (--eval-every 10, the test pass would cost a third of the
+time).
 
 Every method uses the same hyperparameters (the model's defaults of `compress train`: SGD, momentum
 0.9, cosine schedule, batch 128, weight decay 5e-4 (1e-4 for resnet20), lr 0.05 for LeNets and 0.1
@@ -75,6 +77,10 @@ RESNET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"}, 
 # SynFlow through the absolute composed filters |lam F| of interspace layers (on standard layers it is synflow):
 # interspace only, beside synflow+ip, whose |lam| |F| is the reference code's linearisation.
 RESNET_IP_ONLY_METHODS = {"synflow-composed": {"method": "synflow", "score": "synflow-composed"}}
+# Interspace pruning at equal trained parameters (issue 17): --basis-in-budget counts the trained basis entries inside
+# the density, so that "+ip-budget" trains as many parameters as the standard run at the same density.
+RESNET_IP_BUDGET_METHODS = {"snip": {"method": "snip"}, "synflow": {"method": "synflow"},
+                            "freezenet": {"method": "freezenet"}}
 # SNIP and GraSP score in eval mode by default (as the references), but every run recorded before --score-mode
 # existed scored in train mode, and a run of the sweep still does unless its options say otherwise
 # (RECORDED_SCORE_MODE), so recorded rows stay valid. These runs score resnet20 (BatchNorm: the modes differ) in
@@ -215,6 +221,11 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                 for density in resnet_densities:
                     runs.append(Run("resnet", "resnet20", f"{label}+ip", density, seed,
                                     {**resnet_common, **options, "density": density, "interspace": True}))
+            for label, options in RESNET_IP_BUDGET_METHODS.items():
+                for density in resnet_densities:
+                    runs.append(Run("resnet", "resnet20", f"{label}+ip-budget", density, seed,
+                                    {**resnet_common, **options, "density": density, "interspace": True,
+                                     "basis_in_budget": True}))
     return runs
 
 
