@@ -90,14 +90,19 @@ def _create_level_directory(directory: Path, plan: Plan | None, rows) -> None:
 
 def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan | None,
               state: dict[str, torch.Tensor] | None, *, level: int | None = None, branch: str | None = None,
-              rewind_at: int | None = None, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor], Plan | None]:
+              rewind_at: int | None = None, progress: bool = True,
+              keep_trained: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None, Plan | None]:
     """Train one level in ``directory`` (created if new; resumed or skipped if not); returns its summary, its
-    final weights and the plan it trained under (its stored masks). ``state`` is the full state dict the level starts from (None: the model as it is)."""
+    final weights (a copy; None without ``keep_trained``: a single level needs none, and a large model's copy
+    costs its size) and the plan it trained under (its stored masks). ``state`` is the full state dict the level
+    starts from (None: the model as it is)."""
     config, model = prepared.config, prepared.model
     finished = (directory / SUMMARY_FILE).is_file()
     if not finished and not directory.is_dir():
         _create_level_directory(directory, plan, plan_rows(model, plan, config.mode))
     masks = stored_masks(directory, shown)
+    if masks is not None and plan is not None and _same_masks(masks, plan.masks):
+        masks = plan.masks  # what was just stored: keep one copy of the masks in memory, not two
     if masks is not None:
         plan = plan_from_masks(config, model, masks, stored_label(directory) or (plan.score if plan else "stored"))
     elif plan is not None:
@@ -108,7 +113,8 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
         final = stored_masks(directory, shown, FINAL_MASKS_FILE) if strategy.moving_masks else None
         if final is not None:
             plan = plan_from_masks(config, model, final, plan.score)
-        return summary, read_tensor_file(directory / MODEL_FILE, "the level's trained model", _fix(shown)), plan
+        trained = read_tensor_file(directory / MODEL_FILE, "the level's trained model", _fix(shown)) if keep_trained else None
+        return summary, trained, plan
     if state is not None:
         model.load_state_dict(state)
     moving = strategy.moving_masks and plan is not None
@@ -143,7 +149,14 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
                              strategy_state={"strategy": config.strategy, "level": level, "branch": branch},
                              summary_extra=extra, label=label,
                              quiet_done=level is not None, mask_updater=mask_updater)
-    return summary, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, plan
+    trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep_trained else None
+    return summary, trained, plan
+
+
+def _same_masks(stored: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> bool:
+    return stored.keys() == masks.keys() and all(
+        stored[name].shape == masks[name].shape and torch.equal(stored[name].bool(), masks[name].cpu().bool())
+        for name in masks)
 
 
 def _level_row(summary: dict) -> dict:
@@ -168,7 +181,7 @@ def run_strategy(prepared: Prepared, run_dir: Path, shown: str | Path, *, progre
     config = prepared.config
     strategy = STRATEGIES.get(config.strategy)
     if not strategy.multilevel:
-        return run_level(prepared, run_dir, shown, prepared.plan, None, progress=progress)[0]
+        return run_level(prepared, run_dir, shown, prepared.plan, None, progress=progress, keep_trained=False)[0]
     options = config.strategy_settings()
     context = level_context(prepared)
     check_strategy(prepared)
@@ -185,7 +198,8 @@ def run_strategy(prepared: Prepared, run_dir: Path, shown: str | Path, *, progre
         for branch in strategy.branches(options) if level > 0 else []:
             start = strategy.branch_start(context, branch, level, plan, rewind_state)
             branch_summary, _, _ = run_level(prepared, level_directory(run_dir, level, branch), shown, start.plan,
-                                          start.state, level=level, branch=branch, progress=progress)
+                                          start.state, level=level, branch=branch, progress=progress,
+                                          keep_trained=False)
             row.setdefault("branches", {})[branch] = _level_row(branch_summary)
             log(f"level {level} branch {branch}: test acc {branch_summary['test_acc']:.2%}")
         rows.append(row)
