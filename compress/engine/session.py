@@ -8,7 +8,8 @@ trained values are the vector ``SparseLayer.values`` now) and, on the way out, w
 original modules and ``requires_grad`` back: the model is a plain module again. The optimizer gets the value
 vectors in a group of their own, with the weight decay as a coupled L2 term (what the dense engine folds into the
 gradient), so its momentum and Adam moments are vectors over the trained entries; a checkpoint stores them that way,
-with the flat indices they belong to (``optimizer/<weight>/<key>`` of K entries, ``optimizer-index/<weight>``).
+with the flat indices they belong to (``optimizer/<weight>/<key>`` of K entries, ``optimizer-index/<weight>``:
+uint16 for a weight of up to 65,536 entries, else int32 or int64; ``index_dtype``).
 """
 from __future__ import annotations
 
