@@ -98,20 +98,28 @@ def _float_of_key(key: int, dtype: torch.dtype) -> float:
     return float(torch.tensor([bits], dtype=_BITS_OF[dtype]).view(dtype))
 
 
-def top_k_over(values: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Flat boolean masks of the k largest entries of ``values`` taken together, ties broken by position
-    (earlier tensor, then lower index): ``_top_k_flat`` of their concatenation, without concatenating them.
+CONCATENATE_BELOW = 2**22  # entries: below, top_k_over concatenates (fast); above, it bisects (no copy)
 
-    The k-th largest value is found by bisection over the order keys of the floats between the smallest and
-    the largest value (at most 32 counting passes for float32 scores, 64 for others, which are compared as
-    float64), so no copy of the scores is made: a concatenated ``kthvalue`` needs a copy, a sort buffer and
-    int64 indices, 7x the float32 scores of a large model.
+
+def top_k_over(values: list[torch.Tensor], k: int, concatenate_below: int = CONCATENATE_BELOW) -> list[torch.Tensor]:
+    """Flat boolean masks of the k largest entries of ``values`` taken together, ties broken by position
+    (earlier tensor, then lower index): ``_top_k_flat`` of their concatenation.
+
+    From ``concatenate_below`` entries on, the concatenation is not made: the k-th largest value is found by
+    bisection over the order keys of the floats between the smallest and the largest value (at most 32 counting
+    passes for float32 scores, 64 for others, which are compared as float64), so no copy of the scores is made,
+    where a concatenated ``kthvalue`` needs a copy, a sort buffer and int64 indices, 7x the float32 scores of a
+    large model. Below it, the concatenation is faster (SynFlow selects 100 times).
     """
     n = sum(value.numel() for value in values)
     if k >= n or k <= 0:
         return [torch.full((value.numel(),), k > 0, dtype=torch.bool, device=value.device) for value in values]
     exact_in_float32 = (torch.float16, torch.bfloat16, torch.float32)
     dtype = torch.float32 if all(value.dtype in exact_in_float32 for value in values) else torch.float64
+    if n < concatenate_below:
+        devices = [value.device for value in values]
+        chosen = _top_k_flat(torch.cat([value.detach().flatten().to(dtype).cpu() for value in values]), k)
+        return [mask.to(device) for mask, device in zip(chosen.split([value.numel() for value in values]), devices)]
     flat = [value.detach().flatten() for value in values if value.numel()]  # .to(dtype) below copies only a
     # tensor of another dtype, one at a time
     low = _order_key(min(float(value.to(dtype).min()) for value in flat), dtype)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from compress.errors import UserError
-from compress.selection import SELECTORS, Plan, select, select_with, top_k_masks
+from compress.selection import CONCATENATE_BELOW, SELECTORS, Plan, select, select_with, top_k_masks
 
 
 def scores():
@@ -146,15 +146,17 @@ def test_top_k_over_tensors_is_the_top_k_of_their_concatenation_for_any_k():
         parts = _random_score_tensors(generator, trial)
         together = torch.cat([part.double() for part in parts])
         for k in [-1, 0, 1, 2, *range(3, together.numel() - 1, 5), together.numel() - 1, together.numel(), together.numel() + 1]:
-            chosen = top_k_over(parts, k)
-            assert [mask.numel() for mask in chosen] == [part.numel() for part in parts]
-            assert torch.equal(torch.cat(chosen), _top_k_flat(together, k)), (trial, k)
+            for concatenate_below in (0, 10**9):  # the bisection and the concatenation
+                chosen = top_k_over(parts, k, concatenate_below)
+                assert [mask.numel() for mask in chosen] == [part.numel() for part in parts]
+                assert torch.equal(torch.cat(chosen), _top_k_flat(together, k)), (trial, k, concatenate_below)
 
 
 def test_global_selection_of_a_large_model_makes_no_copy_of_its_scores():
     import resource
 
-    scores = {f"w{i}": torch.rand(6_000_000) for i in range(4)}  # 92 MiB of float32 scores
+    scores = {f"w{i}": torch.rand(6_000_000) for i in range(4)}  # 92 MiB of float32 scores: bisected
+    assert 24_000_000 >= CONCATENATE_BELOW
     current_kib = int(open("/proc/self/statm").read().split()[1]) * 4096 // 1024
     before = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, current_kib)
     masks = top_k_masks(scores, 0.01, "global")
