@@ -18,7 +18,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -180,11 +180,13 @@ class MaskConstraint:
             if param.grad is not None:
                 param.mul_(torch.where(untrained, 1.0, factor))
 
-    def dense_gradients(self) -> dict[str, torch.Tensor]:
-        """Copies of the loss gradients of every masked parameter, untrained entries included (call after the
-        backward pass and before ``mask_gradients``); zero for a parameter that got none."""
+    def dense_gradients(self, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Copies of the loss gradients of every masked parameter but those in ``skip`` (the sparse engine's, which
+        forms them itself), untrained entries included (call after the backward pass and before
+        ``mask_gradients``); zero for a parameter that got none."""
+        skipped = set(skip)
         return {name: (param.grad.detach().clone() if param.grad is not None else torch.zeros_like(param))
-                for name, (param, _, _) in zip(self.names, self._entries)}
+                for name, (param, _, _) in zip(self.names, self._entries) if name not in skipped}
 
 
 class MaskUpdater(Protocol):
@@ -343,7 +345,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, constraint
     if scaler is not None:
         scaler.unscale_(optimizer)
     if gradients is not None:
-        gradients.update(constraint.dense_gradients())
+        gradients.update(constraint.dense_gradients(skip=engine.layers if engine else ()))
         if engine:
             gradients.update(engine.dense_gradients())
             engine.capture(False)

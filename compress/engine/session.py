@@ -91,8 +91,9 @@ class SparseEngine:
             layer.dense_grad = None
 
     def dense_gradients(self) -> dict[str, torch.Tensor]:
-        """The dense weight gradients the last captured backward formed (zero for a layer that got none)."""
-        return {name: layer.dense_grad.detach().clone() if layer.dense_grad is not None
+        """The dense weight gradients the last captured backward formed (zero for a layer that got none): the
+        tensors themselves, which ``capture(False)`` lets go of."""
+        return {name: layer.dense_grad.detach() if layer.dense_grad is not None
                 else torch.zeros_like(layer.module.weight) for name, layer in self.layers.items()}
 
     def all_reduce_gradients(self, world_size: int) -> None:
