@@ -366,7 +366,8 @@ def test_run_files_are_safetensors_streamed_tensor_by_tensor_and_read_back_exact
     from compress.run.rundir import write_tensors
     from formats.artifact import SAFETENSORS_DTYPE_NAMES
 
-    tensors = {f"t.{name}": (torch.arange(6) % 3).to(dtype).reshape(2, 3) for dtype, name in SAFETENSORS_DTYPE_NAMES.items()}
+    tensors = {f"t.{name}": (torch.arange(6) % 3).to(dtype).reshape(2, 3)
+               for dtype, name in SAFETENSORS_DTYPE_NAMES.items()}
     tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 4), transposed=torch.arange(12.0).reshape(3, 4).t())
     path = tmp_path / "x.safetensors"
     write_tensors(path, tensors, {"format": "test"})

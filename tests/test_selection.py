@@ -145,7 +145,8 @@ def test_top_k_over_tensors_is_the_top_k_of_their_concatenation_for_any_k():
     for trial in range(44):
         parts = _random_score_tensors(generator, trial)
         together = torch.cat([part.double() for part in parts])
-        for k in [-1, 0, 1, 2, *range(3, together.numel() - 1, 5), together.numel() - 1, together.numel(), together.numel() + 1]:
+        n = together.numel()
+        for k in [-1, 0, 1, 2, *range(3, n - 1, 5), n - 1, n, n + 1]:
             for concatenate_below in (0, 10**9):  # the bisection and the concatenation
                 chosen = top_k_over(parts, k, concatenate_below)
                 assert [mask.numel() for mask in chosen] == [part.numel() for part in parts]

@@ -96,8 +96,8 @@ class Split:
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else None
         if self.workers:
-            plan = [(order[start : start + batch_size] if order is not None else torch.arange(start, min(n, start + batch_size)))
-                    for start in range(0, n, batch_size)]
+            everything = order if order is not None else torch.arange(n)
+            plan = [everything[start : start + batch_size] for start in range(0, n, batch_size)]
             raw = iter(torch.utils.data.DataLoader(_Rows(self.x, self.y), batch_sampler=plan, num_workers=self.workers,
                                                    collate_fn=_as_batch, persistent_workers=False))
         else:

@@ -113,7 +113,8 @@ def run_level(prepared: Prepared, directory: Path, shown: str | Path, plan: Plan
         final = stored_masks(directory, shown, FINAL_MASKS_FILE) if strategy.moving_masks else None
         if final is not None:
             plan = plan_from_masks(config, model, final, plan.score)
-        trained = read_tensor_file(directory / MODEL_FILE, "the level's trained model", _fix(shown)) if keep_trained else None
+        trained = (read_tensor_file(directory / MODEL_FILE, "the level's trained model", _fix(shown))
+                   if keep_trained else None)
         return summary, trained, plan
     if state is not None:
         model.load_state_dict(state)

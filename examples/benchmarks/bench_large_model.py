@@ -164,8 +164,8 @@ def main() -> None:
     print(f"| plain PyTorch: one dense forward and backward (reference) | {above:.1f} MiB, {above / dense:.2f}x | |")
     print("\n## Targets")
     verdict = worst["glibc default"]
-    print(f"{'PASS' if verdict <= TARGET else 'FAIL'}  peak memory above the baseline at most {TARGET:g}x the dense model "
-          f"in every command, glibc's default allocator ({verdict:.2f}x; "
+    print(f"{'PASS' if verdict <= TARGET else 'FAIL'}  peak memory above the baseline at most {TARGET:g}x the dense "
+          f"model in every command, glibc's default allocator ({verdict:.2f}x; "
           f"{worst['MALLOC_MMAP_THRESHOLD_=131072']:.2f}x with freed blocks handed back at once)")
 
 

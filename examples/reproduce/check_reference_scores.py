@@ -96,7 +96,8 @@ def main() -> None:
                 # each normalised by its largest entry: the references divide by a sum (GraSP: |sum| + 1e-10),
                 # a positive factor that changes no mask
                 largest = [max(float(t.abs().max()) for t in values) for values in (theirs, [ours[p] for p in params])]
-                difference = f"{max(float((ours[p] / largest[1] - t / largest[0]).abs().max()) for p, t in zip(params, theirs)):.2e}"
+                gap = max(float((ours[p] / largest[1] - t / largest[0]).abs().max()) for p, t in zip(params, theirs))
+                difference = f"{gap:.2e}"
             ranked = top_k_over([ours[p] for p in params], keep)
             both = sum(int((o.reshape(m.shape) & m).sum()) for o, m in zip(ranked, their_masks))
             either = sum(int((o.reshape(m.shape) | m).sum()) for o, m in zip(ranked, their_masks))
