@@ -39,7 +39,7 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KNOWN_GENERATORS = {("philox4x32-10", 1)}
 # Every torch dtype a safetensors file holds, by its safetensors name, and the order safetensors.torch.save lays
-# the tensors out in (by dtype in this order, then by name): dense_fp32_bytes computes that file's size.
+# the tensors out in (by dtype in this order, then by name): safetensors_header follows it.
 SAFETENSORS_DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
                            torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
                            torch.uint32: "U32", torch.float32: "F32", torch.int64: "I64", torch.uint64: "U64",
@@ -86,21 +86,33 @@ class Artifact:
 # Writing
 
 
+def safetensors_header(entries: dict[str, tuple[str, list[int], int]], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, list[str]]:
+    """The header of a safetensors file holding tensors given as ``name: (dtype name, shape, data bytes)``: its
+    8-byte length, then the JSON padded to 8 bytes; and the order of their data, the one ``safetensors.torch.save``
+    lays out (by dtype, widest first, so every offset is aligned; then by name)."""
+    ordered = sorted(entries, key=lambda name: (_SAFETENSORS_LAYOUT_ORDER.index(entries[name][0]), name))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in ordered:
+        dtype, shape, size = entries[name]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, ordered
+
+
 def dense_fp32_bytes(state: dict[str, torch.Tensor]) -> int:
     """The size of the safetensors file of ``state`` with every floating tensor in fp32 (what
-    ``safetensors.torch.save`` writes: header, padded to 8 bytes, then the data), from names, dtypes and shapes
-    alone: serialising a large model only to count its bytes would hold two more copies of it."""
-    entries = []
+    ``safetensors.torch.save`` writes), from names, dtypes and shapes alone: serialising a large model only to
+    count its bytes would hold two more copies of it."""
+    entries = {}
     for name, tensor in state.items():
         dtype = "F32" if tensor.is_floating_point() else SAFETENSORS_DTYPE_NAMES[tensor.dtype]
-        entries.append((_SAFETENSORS_LAYOUT_ORDER.index(dtype), name, dtype, list(tensor.shape),
-                        tensor.numel() * (4 if dtype == "F32" else tensor.element_size())))
-    header, offset = {}, 0
-    for _, name, dtype, shape, size in sorted(entries):
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    return 8 + text + (-text % 8) + offset
+        entries[name] = (dtype, list(tensor.shape), tensor.numel() * (4 if dtype == "F32" else tensor.element_size()))
+    header, _ = safetensors_header(entries)
+    return len(header) + sum(size for _, _, size in entries.values())
 
 
 def write_artifact(

@@ -325,6 +325,7 @@ ERROR_CASES = {
 def test_bad_input_exits_2_with_one_error_line(finished_run, packed, tmp_path, capsys, case):
     make_args, fragment = ERROR_CASES[case]
     args = make_args(tmp_path, finished_run, packed)
+    capsys.readouterr()  # what the fixtures printed while making a run for this case alone
     before = sorted(p.name for p in tmp_path.iterdir())
     code, stdout, err = run_cli(args, capsys)
     assert code == 2, (stdout, err)

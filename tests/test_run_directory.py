@@ -368,9 +368,12 @@ def test_run_files_are_safetensors_streamed_tensor_by_tensor_and_read_back_exact
 
     tensors = {f"t.{name}": (torch.arange(6) % 3).to(dtype).reshape(2, 3)
                for dtype, name in SAFETENSORS_DTYPE_NAMES.items()}
-    tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 4), transposed=torch.arange(12.0).reshape(3, 4).t())
+    tensors.update({"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "non-ascii é": torch.ones(1),
+                    "transposed": torch.arange(12.0).reshape(3, 4).t()})
     path = tmp_path / "x.safetensors"
     write_tensors(path, tensors, {"format": "test"})
+    contiguous = {name: value.contiguous() for name, value in tensors.items()}
+    assert path.read_bytes() == save(contiguous, metadata={"format": "test"})  # the same bytes
     back = load_file(str(path))
     assert sorted(back) == sorted(tensors)
     for name, value in tensors.items():

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from formats.artifact import SAFETENSORS_DTYPE_NAMES
+from formats.artifact import SAFETENSORS_DTYPE_NAMES, safetensors_header
 from formats.atomic import write_atomic
 from formats.errors import UserError
 
@@ -81,20 +81,12 @@ def write_json(path: Path, value) -> None:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file of ``tensors`` written atomically, streamed tensor by tensor from their memory:
     ``safetensors.torch.save`` would first build the whole file in memory, a second copy of a large model."""
-    ordered = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # aligned data offsets
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name in ordered:
-        tensor = tensors[name]
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
+    header, ordered = safetensors_header(
+        {name: (SAFETENSORS_DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size())
+         for name, t in tensors.items()}, metadata)
 
     def write(file) -> None:
-        file.write(len(text).to_bytes(8, "little") + text)
+        file.write(header)
         for name in ordered:  # one tensor at a time: a copy only of a tensor not contiguous on the CPU
             file.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
