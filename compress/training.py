@@ -107,7 +107,9 @@ class MaskConstraint:
     """Keeps the parameters of a model on a Plan; an explicit object, nothing is attached to the model.
 
     The masks may move during training (``set_mask``, for dynamic sparse training); a moved entry is put
-    on the plan at once: zero (prune) or its seeded initial value (freeze) where no longer trained.
+    on the plan at once: zero (prune) or its seeded initial value (freeze) where no longer trained. The
+    masks are the plan's own tensors where they already sit on the parameters' devices (a large model holds
+    them once); they are never changed in place: ``set_mask`` replaces a mask, so a mask handed out stays valid.
     """
 
     def __init__(self, model: nn.Module, plan: Plan | None, initial: dict[str, torch.Tensor] | None = None):
@@ -117,68 +119,70 @@ class MaskConstraint:
         self._entries = []
         for name in self.names:
             param = named[name]
-            untrained = ~plan.masks[name].to(param.device, torch.bool)
+            trained = plan.masks[name].to(param.device, torch.bool)
             frozen = None
             if self.mode == "freeze":
                 if initial is None or name not in initial:
                     raise ValueError(f"freeze mode needs the initial value of {name}")
                 frozen = initial[name].to(param.device, param.dtype)
-            self._entries.append((param, untrained, frozen))
+            self._entries.append((param, trained, frozen))
 
     def follow_devices(self) -> None:
         """Move the masks (and frozen values) to their parameters' devices, if a model was moved since."""
-        for index, (param, untrained, frozen) in enumerate(self._entries):
-            if untrained.device != param.device:
-                self._entries[index] = (param, untrained.to(param.device),
+        for index, (param, trained, frozen) in enumerate(self._entries):
+            if trained.device != param.device:
+                self._entries[index] = (param, trained.to(param.device),
                                         None if frozen is None else frozen.to(param.device))
 
     def parameter(self, name: str) -> nn.Parameter:
         return self._entries[self.names.index(name)][0]
 
     def mask(self, name: str) -> torch.Tensor:
-        """The current mask of ``name`` (True = trained), on the parameter's device."""
-        return ~self._entries[self.names.index(name)][1]
+        """The current mask of ``name`` (True = trained), on the parameter's device; do not change it in place."""
+        return self._entries[self.names.index(name)][1]
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """Every current mask, on the CPU (for checkpoints)."""
-        return {name: (~untrained).cpu() for name, (_, untrained, _) in zip(self.names, self._entries)}
+        """Every current mask, on the CPU (for checkpoints); do not change them in place."""
+        return {name: trained.cpu() for name, (_, trained, _) in zip(self.names, self._entries)}
 
     @torch.no_grad()
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         """Train ``name`` where ``mask`` is set from now on; entries no longer trained go back on the plan."""
-        param, untrained, frozen = self._entries[self.names.index(name)]
-        untrained.copy_(~mask.to(untrained.device, torch.bool))
-        self._project_one(param, untrained, frozen)
+        index = self.names.index(name)
+        param, _, frozen = self._entries[index]
+        trained = mask.to(param.device, torch.bool, copy=True)
+        self._entries[index] = (param, trained, frozen)
+        self._project_one(param, trained, frozen)
 
     @torch.no_grad()
     def project(self) -> None:
         """Put every masked parameter on the plan: zero (prune) or the initial value (freeze) where untrained."""
-        for param, untrained, frozen in self._entries:
-            self._project_one(param, untrained, frozen)
+        for param, trained, frozen in self._entries:
+            self._project_one(param, trained, frozen)
 
     @staticmethod
-    def _project_one(param: torch.Tensor, untrained: torch.Tensor, frozen: torch.Tensor | None) -> None:
+    def _project_one(param: torch.Tensor, trained: torch.Tensor, frozen: torch.Tensor | None) -> None:
         if frozen is None:
-            param.masked_fill_(untrained, 0.0)
+            param.masked_fill_(~trained, 0.0)
         else:
-            param.copy_(torch.where(untrained, frozen, param))
+            param.copy_(torch.where(trained, param, frozen))
 
     @torch.no_grad()
     def mask_gradients(self, weight_decay: float) -> None:
         """grad <- grad + weight_decay * p, then exactly 0 where untrained: untrained entries get no update."""
-        for param, untrained, _ in self._entries:
+        for param, trained, _ in self._entries:
             if param.grad is None:
                 continue
             if weight_decay:
                 param.grad.add_(param, alpha=weight_decay)
-            param.grad.masked_fill_(untrained, 0.0)
+            param.grad.masked_fill_(~trained, 0.0)
 
     @torch.no_grad()
     def decay_trained(self, factor: float) -> None:
         """p <- p * factor at the trained entries (AdamW's decoupled decay, before its step), nowhere else."""
-        for param, untrained, _ in self._entries:
+        for param, trained, _ in self._entries:
             if param.grad is not None:
-                param.mul_(torch.where(untrained, 1.0, factor))
+                param.mul_(torch.where(trained, factor, 1.0))
 
     def dense_gradients(self, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """Copies of the loss gradients of every masked parameter but those in ``skip`` (the sparse engine's, which
