@@ -256,11 +256,15 @@ def test_the_cops_and_long_parts_plan_the_settings_the_fidelity_audit_asks_for(s
     from compress.config import build_config
 
     cops = sweep.plan_runs(["cops"], 3, 10, None, 10, 5000)
-    assert len(cops) == 3 * 2 * 4 * 2 == 48 and {r.model for r in cops} == {"lenet5"}
+    assert len(cops) == 3 * (2 * 4 * 2 + 3 * 2) == 66 and {r.model for r in cops} == {"lenet5"}
     configs = [build_config(None, {"model": r.model, **r.options}).resolved() for r in cops]
-    assert {(tuple(c.scores), c.gamma, c.density) for c in configs} == {
+    combined = [c for c in configs if c.method == "cops"]
+    assert {(tuple(c.scores), c.gamma, c.density) for c in combined} == {
         (tuple(pair.split(",")), gamma, density) for pair in sweep.COPS_PAIRS for gamma in sweep.COPS_GAMMAS
         for density in sweep.COPS_DENSITIES}
+    singles = {(c.method, c.density, r.seed) for c, r in zip(configs, cops) if c.method != "cops"}  # COPS' scores
+    assert singles == {(score, density, seed) for score in ("snip", "grasp", "synflow")
+                       for density in sweep.COPS_DENSITIES for seed in range(3)}
     long = sweep.plan_runs(["long"], 3, 10, None, 10, 5000)
     assert len(long) == 9 and {build_config(None, r.options).resolved().epochs for r in long} == {60}
     assert {r.method for r in long} == {"dense", "freezenet", "snip"}

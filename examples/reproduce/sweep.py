@@ -23,7 +23,8 @@ defaults of `compress train`: masks moved every 100 steps before 75% of training
 on LeNet-5-Caffe at the LeNet densities, 10 epochs like the at-init runs; and IP-RigL (RigL on interspace
 coefficients) against RigL on resnet20 with the resnet part's settings.
 Part "cops": COPS on LeNet-5-Caffe at 1% and 0.5% with gamma 0.25, 0.5, 0.75, 0.9 and the score pairs
-(snip, grasp) and (snip, synflow), 3 seeds: whether any setting reaches the better of its two scores.
+(snip, grasp) and (snip, synflow), and SNIP, GraSP and SynFlow alone at the same densities, 3 seeds: whether any
+setting reaches the better of its two scores.
 Part "long": dense, FreezeNet and SNIP at 0.64% on LeNet-5-Caffe for 60 epochs, 3 seeds: whether the gap to
 dense closes with longer training (the FreezeNet paper's 99.2% of dense was after full training on MNIST).
 Part "resnet": resnet20 on 5,000 training images (a random subset drawn from the run's seed, so each
@@ -114,6 +115,9 @@ DYNAMIC_RESNET_METHODS = {"rigl": {"method": "rigl"}, "rigl+ip": {"method": "rig
 COPS_GAMMAS = (0.25, 0.5, 0.75, 0.9)
 COPS_PAIRS = ("snip,grasp", "snip,synflow")
 COPS_DENSITIES = (0.01, 0.005)
+# The single scores COPS combines, at the same densities in the same part: the claim compares COPS with the better
+# of its two scores, and the lenet part has no run at 0.5%.
+COPS_SINGLE_SCORES = ("snip", "grasp", "synflow")
 # Long training (issue 17): does the gap to dense close after 60 epochs? LeNet-5-Caffe at 0.64% (157x).
 LONG_METHODS = {"dense": {"method": "dense"}, "freezenet": {"method": "freezenet", "density": 0.0064},
                 "snip": {"method": "snip", "density": 0.0064}}
@@ -199,6 +203,10 @@ def plan_runs(parts: list[str], seeds: int, lenet_epochs: int, lenet_subset: int
                         runs.append(Run("cops", "lenet5", f"cops-{pair.replace(',', '-')}-g{gamma:g}", density, seed,
                                         {**lenet_common, "method": "cops", "scores": pair, "gamma": gamma,
                                          "density": density}))
+            for score in COPS_SINGLE_SCORES:
+                for density in COPS_DENSITIES:
+                    runs.append(Run("cops", "lenet5", score, density, seed,
+                                    {**lenet_common, "method": score, "density": density}))
     if "long" in parts:
         for seed in range(seeds):
             for label, options in LONG_METHODS.items():
