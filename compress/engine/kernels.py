@@ -113,7 +113,10 @@ def _csr_structure(index: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.T
 
 
 def _sampled(layer: SparseLayer, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """The entries of ``left @ right`` at the layer's trained positions, in index order (an SDDMM)."""
+    """The entries of ``left @ right`` at the layer's trained positions, in index order (an SDDMM). The CPU kernel
+    takes ``left`` row-major and ``right`` column-major (each dot product then reads two contiguous rows); handed
+    other layouts it makes copies of its own, slower than the two transposes made here."""
+    left, right = left.contiguous(), right.t().contiguous().t()
     product = torch.sparse.sampled_addmm(layer._pattern, left, right, beta=0.0)
     return product.values()
 
