@@ -281,6 +281,39 @@ def test_a_mask_update_moves_the_optimizer_state_of_kept_entries_and_zeroes_the_
         assert [p for g in optimizer.param_groups for p in g["params"] if p.dim() == 1 and len(p) == 4] == [values]
 
 
+def test_the_csr_weights_follow_every_optimizer_step_and_mask_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    mask = torch.rand(5, 6) < 0.4
+    constraint = MaskConstraint(model, Plan("prune", {"0.weight": mask}, 0.4, "layer", "test"))
+    constraint.project()
+    engine = SparseEngine.build("sparse", model, constraint, CPU)
+    layer = engine.layers["0.weight"]
+    assert layer.kernels == LayerKernels("sampled", "csr")
+
+    def assert_csr_is_the_weight():
+        engine.write_back()
+        weight = model[0].weight.detach()
+        assert torch.equal(layer.csr_weight().to_dense(), weight)
+        assert torch.equal(layer.csr_weight_transposed().to_dense(), weight.t())
+
+    with engine.installed(model):
+        optimizer = make_optimizer(model, TrainSettings(lr=0.1, momentum=0.9), constraint.names, engine)
+        for step in range(3):
+            training_step(model, optimizer, constraint, torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), 5e-4,
+                          engine=engine)
+            assert_csr_is_the_weight()
+        moved = mask.clone().reshape(-1)
+        moved[moved.nonzero()[0]], moved[(~moved).nonzero()[0]] = False, True
+        for grown in (moved.reshape(5, 6), mask | (torch.rand(5, 6) < 0.3)):  # one moved (the count kept), then more
+            constraint.set_mask("0.weight", grown)
+            engine.follow_masks(constraint, optimizer)
+            training_step(model, optimizer, constraint, torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), 5e-4,
+                          engine=engine)
+            assert_csr_is_the_weight()
+            assert torch.equal(layer.csr_weight().to_dense() != 0, grown & (model[0].weight.detach() != 0))
+
+
 def test_rigl_sees_the_same_dense_gradient_under_both_engines(data):
     inputs, labels = next(iter(data.train.batches(64)))
     gradients = {}

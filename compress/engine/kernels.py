@@ -63,21 +63,25 @@ class SparseLayer:
         values and, elsewhere, the plan's), in place when the count is unchanged."""
         weight = self.module.weight
         self.index = mask.to(weight.device, torch.bool).reshape(-1).nonzero().reshape(-1)
-        outputs, fan_in = weight.shape[0], weight[0].numel()
-        self._pattern = None  # the CSR structure of the trained entries, for the sparse kernels only
-        if self.kernels.grad == "sampled" or self.kernels.forward == "csr":
-            self._pattern = _csr(*_csr_structure(self.index, (outputs, fan_in)),
-                                 torch.zeros(len(self.index), dtype=weight.dtype, device=weight.device),
-                                 (outputs, fan_in))
-        if self.kernels.forward == "csr":  # W^T in CSR for the input gradient: the entries ordered by column
-            transposed = (self.index % fan_in) * outputs + self.index // fan_in
-            self._transpose_order = torch.argsort(transposed)
-            self._transpose_structure = _csr_structure(transposed[self._transpose_order], (fan_in, outputs))
         current = weight.take(self.index)
         if current.numel() == self.values.numel():
             self.values.copy_(current)
         else:
             self.values = current.clone().requires_grad_(True)
+        outputs, fan_in = weight.shape[0], weight[0].numel()
+        shape, transposed_shape = (outputs, fan_in), (fan_in, outputs)
+        self._pattern = self._csr = self._csr_transposed = None  # the CSR structures, for the sparse kernels only
+        if self.kernels.grad == "sampled" or self.kernels.forward == "csr":
+            structure = _csr_structure(self.index, shape)
+            self._pattern = _csr(*structure, torch.zeros_like(self.values.detach()), shape)
+            if self.kernels.forward == "csr":
+                # W as CSR over the values themselves (no copy: the optimizer's in-place steps show through), and
+                # W^T for the input gradient, its entries ordered by column (refilled from the values per use)
+                self._csr = _csr(*structure, self.values.detach(), shape)
+                transposed = (self.index % fan_in) * outputs + self.index // fan_in
+                self._transpose_order = torch.argsort(transposed)
+                self._csr_transposed = _csr(*_csr_structure(transposed[self._transpose_order], transposed_shape),
+                                            torch.empty_like(self.values.detach()), transposed_shape)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -85,14 +89,15 @@ class SparseLayer:
         self.module.weight.put_(self.index, self.values.detach())
 
     def csr_weight(self) -> torch.Tensor:
-        """The weight as CSR (O x fan-in) over the trained entries; prune mode only (the rest is zero)."""
-        shape = (self.weight.shape[0], self.weight[0].numel())
-        return _csr(self._pattern.crow_indices(), self._pattern.col_indices(), self.values.detach(), shape)
+        """The weight as CSR (O x fan-in) over the trained entries; prune mode only (the rest is zero). It shares
+        its values with ``values``."""
+        return self._csr
 
+    @torch.no_grad()
     def csr_weight_transposed(self) -> torch.Tensor:
-        shape = (self.weight[0].numel(), self.weight.shape[0])
-        crow, col = self._transpose_structure
-        return _csr(crow, col, self.values.detach()[self._transpose_order], shape)
+        """W^T as CSR (fan-in x O), its values refilled from ``values``."""
+        torch.index_select(self.values.detach(), 0, self._transpose_order, out=self._csr_transposed.values())
+        return self._csr_transposed
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -122,16 +127,23 @@ def _sampled(layer: SparseLayer, left: torch.Tensor, right: torch.Tensor) -> tor
 
 
 class SparseLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with the gradient of W formed at the trained entries only (``values``)."""
+    """y = x W^T + b with the gradient of W formed at the trained entries only (``values``).
+
+    The sparse kernels read the inputs column-major (the SDDMM's right operand, the CSR product's dense one): a layer
+    with one of them transposes its inputs once, in the forward pass while they are still in cache (there the copy
+    costs a fraction of what it costs in the backward pass), and saves the transposed copy instead of the inputs."""
 
     @staticmethod
     def forward(ctx, inputs, values, weight, bias, layer: SparseLayer):
         ctx.layer = layer
-        ctx.save_for_backward(inputs, weight)
+        ctx.input_shape, ctx.input_dtype = inputs.shape, inputs.dtype
         ctx.has_bias = bias is not None
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        ctx.transposed = layer.kernels.grad == "sampled" or layer.kernels.forward == "csr"
+        flat_t = flat.t().contiguous() if ctx.transposed else None
+        ctx.save_for_backward(flat_t if ctx.transposed else flat, weight)
         if layer.kernels.forward == "csr" and not torch.is_autocast_enabled(inputs.device.type):
-            flat = inputs.reshape(-1, inputs.shape[-1])
-            out = torch.sparse.mm(layer.csr_weight(), flat.t()).t()
+            out = torch.sparse.mm(layer.csr_weight(), flat_t.to(weight.dtype)).t()
             if bias is not None:
                 out = out + bias
             return out.reshape(*inputs.shape[:-1], weight.shape[0])
@@ -140,25 +152,30 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         layer: SparseLayer = ctx.layer
-        inputs, weight = ctx.saved_tensors
+        saved, weight = ctx.saved_tensors
         grad_output = grad_output.to(weight.dtype)
         flat_out = grad_output.reshape(-1, grad_output.shape[-1])
-        flat_in = inputs.reshape(-1, inputs.shape[-1]).to(weight.dtype)
+        flat_in = (saved.t() if ctx.transposed else saved).to(weight.dtype)
+        sampled = layer.kernels.grad == "sampled" and not layer.capture
+        csr = layer.kernels.forward == "csr"
+        # the output gradient row-major by output (O x N), which both sparse kernels read: made once
+        flat_out_t = flat_out.t().contiguous() if (sampled and ctx.needs_input_grad[1]) or (
+            csr and ctx.needs_input_grad[0]) else None
         grad_inputs = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if layer.kernels.forward == "csr":
-                grad_inputs = torch.sparse.mm(layer.csr_weight_transposed(), flat_out.t()).t()
+            if csr:
+                grad_inputs = torch.sparse.mm(layer.csr_weight_transposed(), flat_out_t).t()
             else:
                 grad_inputs = flat_out @ weight
-            grad_inputs = grad_inputs.reshape(inputs.shape).to(inputs.dtype)
+            grad_inputs = grad_inputs.reshape(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
-            if layer.capture or layer.kernels.grad == "gather":
+            if sampled:
+                grad_values = _sampled(layer, flat_out_t, flat_in)
+            else:
                 dense = flat_out.t() @ flat_in
                 if layer.capture:
                     layer.dense_grad = dense
                 grad_values = dense.take(layer.index)
-            else:
-                grad_values = _sampled(layer, flat_out.t(), flat_in)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = flat_out.sum(0)
         return grad_inputs, grad_values, None, grad_bias, None

@@ -122,11 +122,13 @@ class Trainer:
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         for layer in self.engine.layers.values():
             tensors += [layer.values, layer.index]
-            if layer._pattern is not None:
-                tensors += [layer._pattern.crow_indices(), layer._pattern.col_indices()]
+            for csr in (layer._pattern, layer._csr, layer._csr_transposed):
+                if csr is not None:
+                    tensors += [csr.crow_indices(), csr.col_indices(), csr.values()]
             tensors += [layer.values.grad] if layer.values.grad is not None else []
-            tensors += list(getattr(layer, "_transpose_structure", ())) + [getattr(layer, "_transpose_order", None)]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            tensors += [getattr(layer, "_transpose_order", None)]
+        storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors if t is not None}
+        return sum(nbytes for _, nbytes in storages)  # a storage shared by several tensors counts once
 
     def close(self) -> None:
         self.stack.close()
