@@ -49,7 +49,7 @@ def save(model: nn.Module, path: str | Path, sparse: Sparse | None = None, *, va
         mode, seed = ("prune" if masks else "dense"), 0
         info = {"method": "torch.nn.utils.prune" if masks else "dense"}
     rules = {name: rule.as_dict() for name, rule in init_rules(model).items()} if mode == "freeze" else {}
-    trained = sum(int(m.sum()) for m in masks.values())
+    trained = sum(int(torch.count_nonzero(m)) for m in masks.values())
     described = {
         **info,
         "trained_params": trained + sum(p.numel() for n, p in model.named_parameters()

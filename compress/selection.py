@@ -40,7 +40,7 @@ class Plan:
 
     @property
     def trained(self) -> int:
-        return sum(int(m.sum()) for m in self.masks.values())
+        return sum(int(torch.count_nonzero(m)) for m in self.masks.values())
 
     @property
     def actual_density(self) -> float:
@@ -78,7 +78,7 @@ def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
     threshold = torch.kthvalue(flat, n - k + 1).values
     above = flat > threshold
     tied = flat == threshold
-    needed = k - int(above.sum())
+    needed = k - int(torch.count_nonzero(above))
     return above | (tied & (torch.cumsum(tied, 0) <= needed))
 
 

@@ -75,7 +75,7 @@ class Sparse:
 
     @property
     def trained(self) -> int:
-        return sum(int(m.sum()) for m in self.masks.values())
+        return sum(int(torch.count_nonzero(m)) for m in self.masks.values())
 
     @property
     def total(self) -> int:
@@ -138,7 +138,8 @@ class Sparse:
             raise UserError(f"next_level prunes over all layers (global) or per layer (layer), got {scope!r}")
         current = self.masks
         sizes = {name: mask.numel() for name, mask in current.items()}
-        counts = next_counts(scope, fraction, None, sizes, {name: int(mask.sum()) for name, mask in current.items()})
+        trained = {name: int(torch.count_nonzero(mask)) for name, mask in current.items()}
+        counts = next_counts(scope, fraction, None, sizes, trained)
         if counts is None:
             raise UserError(f"fraction {fraction:g} removes no weight (F x trained rounds to 0); raise it")
         scores = {name: torch.where(mask, self.constraint.parameter(name).detach().cpu().abs().double(),
@@ -155,7 +156,7 @@ class Sparse:
         self.detach()
         device = next(iter(self.constraint.parameter(n) for n in self.constraint.names)).device
         plan = Plan(self.plan.mode, {n: m.to(device) for n, m in masks.items()},
-                    sum(int(m.sum()) for m in masks.values()) / sum(sizes.values()), scope,
+                    sum(int(torch.count_nonzero(m)) for m in masks.values()) / sum(sizes.values()), scope,
                     f"imp(prune {fraction:g})")
         following = _constrained(self.model, plan, self.seed, self.method)
         if self.optimizer is not None:

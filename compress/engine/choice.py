@@ -42,7 +42,7 @@ def engine_layer(module: nn.Module) -> bool:
 
 def choose_kernels(engine: str, module: nn.Module, mask: torch.Tensor, mode: str, device: torch.device) -> LayerKernels:
     """The kernels of one engine layer (see the module docstring)."""
-    density = float(mask.sum()) / max(mask.numel(), 1)
+    density = float(torch.count_nonzero(mask)) / max(mask.numel(), 1)
     linear = isinstance(module, nn.Linear)
     if engine == "sparse":
         grad = "sampled" if linear or sampled_conv_supported(module) else "gather"

@@ -131,7 +131,9 @@ class SparseLinearFunction(torch.autograd.Function):
 
     The sparse kernels read the inputs column-major (the SDDMM's right operand, the CSR product's dense one): a layer
     with one of them transposes its inputs once, in the forward pass while they are still in cache (there the copy
-    costs a fraction of what it costs in the backward pass), and saves the transposed copy instead of the inputs."""
+    costs a fraction of what it costs in the backward pass), and saves the transposed copy instead of the inputs
+    (where something else keeps the inputs too, a ReLU's output say, that is one more activation until the backward
+    pass)."""
 
     @staticmethod
     def forward(ctx, inputs, values, weight, bias, layer: SparseLayer):

@@ -122,7 +122,7 @@ def plan_rows(model: torch.nn.Module, plan: Plan | None, mode: str) -> list[Laye
     rows = []
     for name in names:
         param = named[name]
-        trained = int(plan.masks[name].sum()) if plan is not None else param.numel()
+        trained = int(torch.count_nonzero(plan.masks[name])) if plan is not None else param.numel()
         kind = "coefficients" if name.endswith(".coefficients") else "weights"
         rows.append(LayerRow(name, list(param.shape), param.numel(), trained, mode if plan is not None else "dense",
                              kind))

@@ -101,7 +101,7 @@ class MaskSchedule:
         for name in constraint.names:
             param = constraint.parameter(name)
             mask = constraint.mask(name).detach().cpu().flatten()
-            active = int(mask.sum())
+            active = int(torch.count_nonzero(mask))
             active_total += active
             k = min(round(fraction * active), mask.numel() - active)
             dropped[name] = grown[name] = k
@@ -116,7 +116,8 @@ class MaskSchedule:
                                                self._generator(done, name))
             grow = top_where(growth, ~mask, k)
             moved = mask & ~drop | grow
-            if int(moved.sum()) != active or int(drop.sum()) != k or int(grow.sum()) != k or bool((drop & grow).any()):
+            counts = (int(torch.count_nonzero(t)) for t in (moved, drop, grow))
+            if tuple(counts) != (active, k, k) or bool((drop & grow).any()):
                 raise RuntimeError(f"mask update of {name} at step {done} broke its count")  # a bug, not a user error
             constraint.set_mask(name, moved.reshape(param.shape))
             reset_optimizer_state(optimizer, param, (drop | grow).reshape(param.shape))

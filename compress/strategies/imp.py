@@ -166,12 +166,12 @@ class IterativeMagnitudePruning(Strategy):
     def _keep_counts(self, context: LevelContext, current: dict[str, torch.Tensor]) -> dict[str, int] | int | None:
         """How many entries the next level keeps (per layer with layer scope); None when the target is reached."""
         sizes = {name: mask.numel() for name, mask in current.items()}
-        trained = {name: int(mask.sum()) for name, mask in current.items()}
+        trained = {name: int(torch.count_nonzero(mask)) for name, mask in current.items()}
         return next_counts(context.config.scope, context.options.prune_fraction, context.config.density, sizes, trained)
 
     @staticmethod
     def _density(masks: dict[str, torch.Tensor]) -> float:
-        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        return sum(int(torch.count_nonzero(m)) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
     def branch_start(self, context: LevelContext, branch: str, level: int, plan: Plan,
                      rewind_state: dict[str, torch.Tensor] | None) -> LevelStart:
@@ -180,7 +180,7 @@ class IterativeMagnitudePruning(Strategy):
             masks = {}
             for name, mask in plan.masks.items():
                 generator = torch.Generator().manual_seed(derived_seed(seed, "randomize", level, name))
-                chosen = torch.randperm(mask.numel(), generator=generator)[: int(mask.sum())]
+                chosen = torch.randperm(mask.numel(), generator=generator)[: int(torch.count_nonzero(mask))]
                 flat = torch.zeros(mask.numel(), dtype=torch.bool)
                 flat[chosen] = True
                 masks[name] = flat.reshape(mask.shape)

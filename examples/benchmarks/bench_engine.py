@@ -219,16 +219,19 @@ def memory_table(level: Level, engines: tuple[str, ...]) -> list[dict]:
 
 def crossover() -> None:
     """The kernels of one Linear layer alone: the sampled SDDMM against the dense weight-gradient product, and the
-    CSR forward against the dense one."""
+    CSR forward against the dense one, each with the transposed copies the engine makes for it (its inputs
+    column-major, the output gradient row-major by output); and the SDDMM handed its operands as they come, to show
+    what those copies buy."""
     from compress.engine.kernels import LayerKernels, SparseLayer, _sampled
 
     print("\nPart 3: one Linear layer alone, batch 128: sparse kernel time / dense product time")
     print(f"  (auto: sampled gradient at density <= {SAMPLED_MAX_DENSITY:g}, CSR forward in prune mode at <= "
-          f"{CSR_MAX_DENSITY:g}, on layers of >= {SAMPLED_MIN_WEIGHTS:,} weights)")
+          f"{CSR_MAX_DENSITY:g}, on layers of >= {SAMPLED_MIN_WEIGHTS:,} weights; the sparse times include the "
+          f"engine's transposed copies but for 'as given')")
     sizes = ((100, 10), (300, 100), (784, 300), (800, 500), (2048, 1024))
     densities = (0.2, 0.1, 0.05, 0.02, 0.01, 0.001)
-    print(f"  {'kernel':<18} {'layer':>12} {'weights':>9} " + " ".join(f"{d:>7.1%}" for d in densities))
-    for kernel in ("sampled gradient", "csr forward"):
+    print(f"  {'kernel':<24} {'layer':>12} {'weights':>9} " + " ".join(f"{d:>7.1%}" for d in densities))
+    for kernel in ("sampled gradient", "sampled, as given", "csr forward"):
         for fan_in, fan_out in sizes:
             layer_module = torch.nn.Linear(fan_in, fan_out)
             inputs, grads = torch.randn(BATCH, fan_in), torch.randn(BATCH, fan_out)
@@ -238,13 +241,17 @@ def crossover() -> None:
                 layer = SparseLayer("w", layer_module, mask, LayerKernels("sampled", "csr"))
                 if kernel == "sampled gradient":
                     dense_time = _best(lambda: grads.t() @ inputs)
-                    sparse_time = _best(lambda: _sampled(layer, grads.t(), inputs))
+                    sparse_time = _best(lambda: _sampled(layer, grads.t().contiguous(), inputs.t().contiguous().t()))
+                elif kernel == "sampled, as given":
+                    dense_time = _best(lambda: grads.t() @ inputs)
+                    sparse_time = _best(lambda: torch.sparse.sampled_addmm(layer._pattern, grads.t(), inputs,
+                                                                           beta=0.0))
                 else:
                     weight = layer_module.weight.detach()
                     dense_time = _best(lambda: torch.nn.functional.linear(inputs, weight))
-                    sparse_time = _best(lambda: torch.sparse.mm(layer.csr_weight(), inputs.t()).t())
+                    sparse_time = _best(lambda: torch.sparse.mm(layer.csr_weight(), inputs.t().contiguous()).t())
                 cells.append(f"{sparse_time / dense_time:>6.2f}x")
-            print(f"  {kernel:<18} {fan_in:>5}x{fan_out:<6} {fan_in * fan_out:>9,} " + " ".join(cells))
+            print(f"  {kernel:<24} {fan_in:>5}x{fan_out:<6} {fan_in * fan_out:>9,} " + " ".join(cells))
 
 
 def epoch_times(rounds: int = 2) -> None:

@@ -24,6 +24,13 @@ Two more measurements put the figures in context, in the same run:
   with its default allocator (what a dense step costs without any optimizer state), and six dense training steps
   with SGD and momentum under both allocator settings: their peaks, and the ratio of their median step times
   (what handing freed blocks back would cost a training run).
+
+``--timeline`` also samples the resident memory of the ``train`` process every 5 ms (glibc's default allocator)
+and labels each sample with the pipeline stage the main thread is in at that moment (the innermost of scoring,
+selection, a training step, evaluation, writing files, read from its Python stack; elsewhere the innermost
+function of compress or formats), then prints how much the memory grew in each stage and each stage's peak,
+for the stages that grew it by 5% of the dense model or more, and the stage where the peak is first reached:
+where ``train``'s peak comes from.
 """
 from __future__ import annotations
 
@@ -36,6 +43,10 @@ from pathlib import Path
 
 TARGET = 3.0
 PLAIN_STEPS = 6
+TIMELINE_INTERVAL_S = 0.005
+# pipeline functions that name a stage of the timeline, the innermost one on the main thread's stack wins
+STAGES = {"score": "scoring", "select": "selection", "training_step": "training steps", "evaluate": "evaluation",
+          "write_tensors": "writing files", "save_checkpoint": "writing files"}
 
 
 def status_mib(field: str) -> float:
@@ -85,15 +96,60 @@ def command(stage: str, model_name: str, shape: str, batch: int, scratch: Path, 
         raise SystemExit(f"{stage} of {model_name} failed with exit code {code}")
 
 
-def measure(stage: str, model_name: str, batch: int, scratch: Path) -> dict:
-    """In this process (``--measure``): the tiny warm-up, then the large model's stage; MiB."""
+def measure(stage: str, model_name: str, batch: int, scratch: Path, timeline: bool = False) -> dict:
+    """In this process (``--measure``): the tiny warm-up, then the large model's stage; MiB. ``timeline``: also
+    the peak resident memory of every stage of the pipeline (``STAGES``), sampled from a thread."""
+    import threading
+    import time
+
     import torch  # noqa: F401
 
     command(stage, "lenet300", "3x8x8", batch, scratch, "warm-up")
     baseline = status_mib("VmRSS")
     reset_peak()
+    samples: list[tuple[str, float, float]] = []  # stage, resident MiB, seconds since the command started
+    done = threading.Event()
+    main_thread = threading.main_thread().ident
+
+    def sample() -> None:
+        while not done.wait(TIMELINE_INTERVAL_S):
+            samples.append((current_stage(sys._current_frames().get(main_thread)), status_mib("VmRSS"),
+                            time.perf_counter() - started))
+
+    started = time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True) if timeline else None
+    if sampler:
+        sampler.start()
     command(stage, model_name, "3x224x224", batch, scratch, "large")
-    return {"baseline_mib": baseline, "peak_mib": status_mib("VmHWM")}
+    done.set()
+    if sampler:
+        sampler.join()
+    stages: dict[str, list[float]] = {}  # in order of first appearance: [peak above the baseline, growth in it]
+    previous = baseline
+    for name, mib, _ in samples:
+        peak, growth = stages.setdefault(name, [0.0, 0.0])
+        stages[name] = [max(peak, mib - baseline), growth + max(mib - previous, 0.0)]
+        previous = mib
+    top = max(range(len(samples)), key=lambda i: (samples[i][1], -i)) if samples else None  # first at the top
+    return {"baseline_mib": baseline, "peak_mib": status_mib("VmHWM"), "stages": stages, "samples": len(samples),
+            "peak_stage": samples[top][0] if samples else None,
+            "peak_second": samples[top][2] if samples else None}
+
+
+def current_stage(frame) -> str:
+    """The innermost pipeline stage (``STAGES``) on a stack; outside them, the innermost function of compress or
+    formats (``module.function``); else "other"."""
+    innermost = None
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        roots = [i for i, part in enumerate(path.parts[:-1]) if part in ("compress", "formats")]
+        module = ".".join(path.parts[roots[-1]:-1] + (path.stem,)).removesuffix(".__init__") if roots else None
+        if module and frame.f_code.co_name in STAGES and module.startswith("compress"):
+            return STAGES[frame.f_code.co_name]
+        if module and innermost is None:
+            innermost = f"{module}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return innermost or "other"
 
 
 def plain_step(model_name: str, batch: int, steps: int) -> dict:
@@ -145,12 +201,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="resnet18 instead of resnet50")
     parser.add_argument("--batch", type=int, default=1, help="scoring and training batch size (default 1)")
-    parser.add_argument("--measure", nargs=4, metavar=("STAGE", "MODEL", "BATCH", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print the peak of every pipeline stage inside compress train (sampled every 5 ms)")
+    parser.add_argument("--measure", nargs=5, metavar=("STAGE", "MODEL", "BATCH", "DIR", "TIMELINE"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--plain", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        stage, model_name, batch, scratch = args.measure
-        print(json.dumps(measure(stage, model_name, int(batch), Path(scratch))))
+        stage, model_name, batch, scratch, timeline = args.measure
+        print(json.dumps(measure(stage, model_name, int(batch), Path(scratch), timeline == "1")))
         return
     if args.plain:
         print(json.dumps(plain_step(args.plain[0], int(args.plain[1]), int(args.plain[2]))))
@@ -166,17 +225,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         images(Path(scratch) / "images")
         rows = {stage: [] for stage in ("train", "pack", "load")}
+        timelines = {}
         for label, environment in allocators.items():
             folder = Path(scratch) / label.split("=")[0].replace(" ", "-")
             folder.mkdir()
             (folder / "images").symlink_to(Path(scratch) / "images")
             for stage in rows:
-                result = run_child(["--measure", stage, model_name, str(args.batch), str(folder)], environment)
+                timeline = args.timeline and stage == "train" and environment is None
+                result = run_child(["--measure", stage, model_name, str(args.batch), str(folder),
+                                    "1" if timeline else "0"], environment)
+                if timeline:
+                    timelines[label] = result
                 above = result["peak_mib"] - result["baseline_mib"]
                 worst[label] = max(worst.get(label, 0.0), above / dense)
                 rows[stage].append(f"{above:.1f} MiB, {above / dense:.2f}x")
         for stage, cells in rows.items():
             print(f"| compress {stage} | {' | '.join(cells)} |")
+    for label, result in timelines.items():
+        print(f"\nTimeline of compress train ({label}, {result['samples']} samples every "
+              f"{TIMELINE_INTERVAL_S * 1e3:g} ms), by pipeline stage in order of first appearance: how much resident "
+              "memory grew while in it, and its peak above the baseline (as multiples of the dense model)")
+        for name, (peak, growth) in result["stages"].items():
+            if growth >= 0.05 * dense:  # the others grew it by less than 5% of the dense model
+                print(f"  {name:<44} grew {growth:7.1f} MiB {growth / dense:5.2f}x   peak {peak:7.1f} MiB "
+                      f"{peak / dense:5.2f}x")
+        print(f"  the sampled peak is first reached in {result['peak_stage']}, about {result['peak_second']:.1f} s "
+              "into the command")
     plain = run_child(["--plain", model_name, str(args.batch), "0"])
     above = plain["peak_mib"] - plain["baseline_mib"]
     print(f"| plain PyTorch: one dense forward and backward (reference) | {above:.1f} MiB, {above / dense:.2f}x | |")
