@@ -130,10 +130,11 @@ class SparseLinearFunction(torch.autograd.Function):
     """y = x W^T + b with the gradient of W formed at the trained entries only (``values``).
 
     The sparse kernels read the inputs column-major (the SDDMM's right operand, the CSR product's dense one): a layer
-    with one of them transposes its inputs once, in the forward pass while they are still in cache (there the copy
-    costs a fraction of what it costs in the backward pass), and saves the transposed copy instead of the inputs
-    (where something else keeps the inputs too, a ReLU's output say, that is one more activation until the backward
-    pass)."""
+    with a CSR forward transposes its inputs once, in the forward pass, and saves that copy instead of the inputs,
+    for its SDDMM too. A layer with a dense forward transposes them in the backward pass, in the SDDMM's call:
+    moving that copy to the forward pass measured level with ``auto`` and 7% slower with ``--engine sparse`` on
+    lenet300 in freeze mode (``bench_engine.py``), as its small layers then keep a second copy of inputs that a
+    ReLU keeps anyway."""
 
     @staticmethod
     def forward(ctx, inputs, values, weight, bias, layer: SparseLayer):
@@ -141,7 +142,7 @@ class SparseLinearFunction(torch.autograd.Function):
         ctx.input_shape, ctx.input_dtype = inputs.shape, inputs.dtype
         ctx.has_bias = bias is not None
         flat = inputs.reshape(-1, inputs.shape[-1])
-        ctx.transposed = layer.kernels.grad == "sampled" or layer.kernels.forward == "csr"
+        ctx.transposed = layer.kernels.forward == "csr"
         flat_t = flat.t().contiguous() if ctx.transposed else None
         ctx.save_for_backward(flat_t if ctx.transposed else flat, weight)
         if layer.kernels.forward == "csr" and not torch.is_autocast_enabled(inputs.device.type):

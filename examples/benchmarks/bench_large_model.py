@@ -98,7 +98,8 @@ def command(stage: str, model_name: str, shape: str, batch: int, scratch: Path, 
 
 def measure(stage: str, model_name: str, batch: int, scratch: Path, timeline: bool = False) -> dict:
     """In this process (``--measure``): the tiny warm-up, then the large model's stage; MiB. ``timeline``: also
-    the peak resident memory of every stage of the pipeline (``STAGES``), sampled from a thread."""
+    the growth and peak of resident memory in every stage of the pipeline (``current_stage``), sampled from a
+    thread."""
     import threading
     import time
 
@@ -244,13 +245,15 @@ def main() -> None:
     for label, result in timelines.items():
         print(f"\nTimeline of compress train ({label}, {result['samples']} samples every "
               f"{TIMELINE_INTERVAL_S * 1e3:g} ms), by pipeline stage in order of first appearance: how much resident "
-              "memory grew while in it, and its peak above the baseline (as multiples of the dense model)")
+              "memory rose while in it (every rise counts, so a stage that frees and takes memory again counts it "
+              "again), and its peak above the baseline (as multiples of the dense model)")
         for name, (peak, growth) in result["stages"].items():
             if growth >= 0.05 * dense:  # the others grew it by less than 5% of the dense model
                 print(f"  {name:<44} grew {growth:7.1f} MiB {growth / dense:5.2f}x   peak {peak:7.1f} MiB "
                       f"{peak / dense:5.2f}x")
-        print(f"  the sampled peak is first reached in {result['peak_stage']}, about {result['peak_second']:.1f} s "
-              "into the command")
+        if result["peak_stage"] is not None:
+            print(f"  the sampled peak is first reached in {result['peak_stage']}, about {result['peak_second']:.1f} "
+                  "s into the command")
     plain = run_child(["--plain", model_name, str(args.batch), "0"])
     above = plain["peak_mib"] - plain["baseline_mib"]
     print(f"| plain PyTorch: one dense forward and backward (reference) | {above:.1f} MiB, {above / dense:.2f}x | |")
