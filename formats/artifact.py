@@ -150,13 +150,14 @@ def write_artifact(
             mask = masks[name].detach().cpu().bool().reshape(-1)
             if mask.numel() != tensor.numel():
                 raise ValueError(f"mask of {name} has {mask.numel()} entries, the tensor {tensor.numel()}")
-            entry = {"name": name, "kind": "masked", "n": int(mask.numel()), "k": int(torch.count_nonzero(mask))}
+            count = int(torch.count_nonzero(mask))
+            entry = {"name": name, "kind": "masked", "n": int(mask.numel()), "k": count}
             if quantized:
                 trained, entry["scale"] = quantize(tensor.reshape(-1)[mask])
             else:
                 trained = tensor.reshape(-1)[mask].to(TORCH_DTYPES[value_dtype])
-            stored[f"v:{name}"] = StoredTensor(quantized or value_dtype, (int(torch.count_nonzero(mask)),), tensor_bytes(trained))
-            code = encode_mask(mask.numpy()) if 0 < int(torch.count_nonzero(mask)) < mask.numel() else b""
+            stored[f"v:{name}"] = StoredTensor(quantized or value_dtype, (count,), tensor_bytes(trained))
+            code = encode_mask(mask.numpy()) if 0 < count < mask.numel() else b""
             stored[f"m:{name}"] = StoredTensor("U8", (len(code),), code)
             if mode == "freeze":
                 entry["init"] = init_rules[name]

@@ -299,7 +299,7 @@ def test_the_csr_weights_follow_every_optimizer_step_and_mask_update():
 
     with engine.installed(model):
         optimizer = make_optimizer(model, TrainSettings(lr=0.1, momentum=0.9), constraint.names, engine)
-        for step in range(3):
+        for _ in range(3):
             training_step(model, optimizer, constraint, torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), 5e-4,
                           engine=engine)
             assert_csr_is_the_weight()

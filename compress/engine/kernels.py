@@ -143,10 +143,10 @@ class SparseLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         flat = inputs.reshape(-1, inputs.shape[-1])
         ctx.transposed = layer.kernels.forward == "csr"
-        flat_t = flat.t().contiguous() if ctx.transposed else None
-        ctx.save_for_backward(flat_t if ctx.transposed else flat, weight)
-        if layer.kernels.forward == "csr" and not torch.is_autocast_enabled(inputs.device.type):
-            out = torch.sparse.mm(layer.csr_weight(), flat_t.to(weight.dtype)).t()
+        saved = flat.t().contiguous() if ctx.transposed else flat
+        ctx.save_for_backward(saved, weight)
+        if ctx.transposed and not torch.is_autocast_enabled(inputs.device.type):
+            out = torch.sparse.mm(layer.csr_weight(), saved.to(weight.dtype)).t()
             if bias is not None:
                 out = out + bias
             return out.reshape(*inputs.shape[:-1], weight.shape[0])
@@ -160,7 +160,7 @@ class SparseLinearFunction(torch.autograd.Function):
         flat_out = grad_output.reshape(-1, grad_output.shape[-1])
         flat_in = (saved.t() if ctx.transposed else saved).to(weight.dtype)
         sampled = layer.kernels.grad == "sampled" and not layer.capture
-        csr = layer.kernels.forward == "csr"
+        csr = ctx.transposed  # a CSR forward: the input gradient on W^T in CSR too
         # the output gradient row-major by output (O x N), which both sparse kernels read: made once
         flat_out_t = flat_out.t().contiguous() if (sampled and ctx.needs_input_grad[1]) or (
             csr and ctx.needs_input_grad[0]) else None

@@ -131,9 +131,9 @@ def _moved_masks(stored: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
         if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (mask.numel() + 7) // 8:
             raise bad(f"holds a mask of {name} that is not {mask.numel()} packed bits")
         masks[name] = unpack_mask(bits, mask.shape)
-        if int(torch.count_nonzero(masks[name])) != int(torch.count_nonzero(mask)):
-            raise bad(f"holds a mask of {name} training {int(torch.count_nonzero(masks[name]))} entries, not the run's "
-                      f"{int(torch.count_nonzero(mask))}")
+        stored_count, run_count = int(torch.count_nonzero(masks[name])), int(torch.count_nonzero(mask))
+        if stored_count != run_count:
+            raise bad(f"holds a mask of {name} training {stored_count} entries, not the run's {run_count}")
     return masks
 
 

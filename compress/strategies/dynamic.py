@@ -116,8 +116,8 @@ class MaskSchedule:
                                                self._generator(done, name))
             grow = top_where(growth, ~mask, k)
             moved = mask & ~drop | grow
-            counts = (int(torch.count_nonzero(t)) for t in (moved, drop, grow))
-            if tuple(counts) != (active, k, k) or bool((drop & grow).any()):
+            counts = tuple(int(torch.count_nonzero(t)) for t in (moved, drop, grow))
+            if counts != (active, k, k) or bool((drop & grow).any()):
                 raise RuntimeError(f"mask update of {name} at step {done} broke its count")  # a bug, not a user error
             constraint.set_mask(name, moved.reshape(param.shape))
             reset_optimizer_state(optimizer, param, (drop | grow).reshape(param.shape))
